@@ -1,0 +1,68 @@
+# MNIST deep-learning lab: ResNet-50 features -> logistic regression + ROC, and a VAE.
+# `make help` lists the targets; every variable below can be set on the command line.
+
+PYTHON   ?= .venv/bin/python## interpreter (default: the project's own venv, built on demand)
+DATA     ?= data## torchvision MNIST root (downloaded there if missing)
+OUT      ?= artifacts## where .mat files, checkpoints and metrics go
+FIGURES  ?= figures## where the PNG figures go
+WEIGHTS  ?= IMAGENET1K_V1## ResNet-50 weights: IMAGENET1K_V1, IMAGENET1K_V2, none (random init) or a .pth path
+LIMIT    ?=## use only the first N images of each split (empty = all)
+DEVICE   ?= auto## auto, cpu, cuda or mps
+
+VENV      := .venv
+HELP_VARS := PYTHON DATA OUT FIGURES WEIGHTS LIMIT DEVICE BOOTSTRAP
+BOOTSTRAP ?= python3## the Python that creates .venv
+REQS      := requirements.txt requirements-dev.txt
+# Scripts depend on the venv only when it is the interpreter in use.
+SETUP     := $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/.installed)
+LIMIT_ARG := $(if $(strip $(LIMIT)),--limit $(strip $(LIMIT)))
+
+FEATURES_MAT := $(OUT)/mnist_train.mat $(OUT)/mnist_test.mat
+LOGREG_FIGS  := $(addprefix $(FIGURES)/,logreg_test_accuracy.png roc.png confusion_matrix.png)
+VAE_FIGS     := $(addprefix $(FIGURES)/,vae_loss.png vae_reconstructions.png vae_samples.png vae_latent.png vae_interpolation.png)
+
+.DELETE_ON_ERROR:
+.DEFAULT_GOAL := help
+.PHONY: help setup all features logreg vae figures test bench clean FORCE
+
+help: ## show this help
+	@echo "Usage: make TARGET [VAR=value ...]"
+	@echo
+	@echo "Targets:"
+	@grep -hE '^[a-zA-Z_$$()/.-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:[^#]*## /\t/' | awk -F'\t' '{printf "  %-22s %s\n", $$1, $$2}'
+	@echo
+	@echo "Variables (current value):"
+	@$(foreach v,$(HELP_VARS),printf "  %-9s %-22s %s\n" "$(v)" "$(or $($(v)),(empty))" "$(shell sed -nE 's/^$(v) +\?=[^#]*## (.*)/\1/p' $(firstword $(MAKEFILE_LIST)))";)
+
+setup: $(SETUP) ## create .venv and install requirements (done automatically by other targets)
+
+$(VENV)/.installed: $(REQS)
+	$(BOOTSTRAP) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements-dev.txt
+	touch $@
+
+all: features logreg vae figures ## the whole pipeline: features, classifier, VAE, figures
+
+# A stamp that changes only when the extraction settings change, so that
+# `make WEIGHTS=none` after a pretrained run re-extracts, and nothing else does.
+$(OUT)/.features.args: FORCE
+	@mkdir -p $(OUT)
+	@echo '$(DATA) $(WEIGHTS) $(LIMIT) $(DEVICE)' | cmp -s - $@ || echo '$(DATA) $(WEIGHTS) $(LIMIT) $(DEVICE)' > $@
+
+features: $(FEATURES_MAT) ## ResNet-50 avgpool features of MNIST train and test
+
+$(FEATURES_MAT) &: extract_features.py labio.py $(OUT)/.features.args $(SETUP)
+	$(PYTHON) extract_features.py --split both --data-root $(DATA) --out-dir $(OUT) \
+	  --weights $(WEIGHTS) --device $(DEVICE) $(LIMIT_ARG)
+
+test: $(SETUP) ## run the test suite (python test_all.py)
+	$(PYTHON) test_all.py
+
+bench: $(SETUP) ## speed ratios against reference implementations, measured in one run
+	$(PYTHON) bench.py --data-root $(DATA) --weights $(if $(filter IMAGENET1K_%,$(WEIGHTS)),none,$(WEIGHTS))
+
+clean: ## remove generated artifacts and figures (keeps .venv and data)
+	rm -rf $(OUT) $(FIGURES)/*.png
+
+distclean: clean ## also remove the venv
+	rm -rf $(VENV)

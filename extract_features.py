@@ -1,0 +1,272 @@
+"""Extract 2048-d ResNet-50 avgpool features of MNIST into .mat files.
+
+The assignment's stage 1: every MNIST image goes through torchvision's
+ResNet-50 without its last (fc) layer, and the features are saved as
+``mnist_train.mat`` / ``mnist_test.mat`` with keys ``features`` (m x 2048,
+float32) and ``labels`` (1 x m, values 0-9), loadable unchanged by
+``scipy.io.loadmat``.
+
+Preprocessing is the assignment's, Grayscale(3) -> ToTensor -> Normalize(0.5, 0.5)
+at 28x28, but applied to whole batches of tensors instead of one PIL image at a
+time, with batch-norm folded into the convolutions and channels-last memory.
+
+    python extract_features.py --data-root data --out-dir artifacts
+    python extract_features.py --weights none --limit 1000     # random init, no download
+"""
+import os
+import time
+
+from labio import (ArgumentParser, UserError, atomic_path, ensure_writable_dir, positive_int,
+                   resolve_device, run_main, versions)
+
+FEATURE_DIM = 2048
+PREPROCESSING = "Grayscale(3) -> ToTensor -> Normalize(mean=0.5, std=0.5)"
+NAMED_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2")
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+# --------------------------------------------------------------------- data
+
+def load_mnist(root, train):
+    """torchvision's MNIST split; downloads on a connected machine."""
+    from torchvision import datasets
+
+    try:
+        return datasets.MNIST(root=root, train=train, download=True)
+    except Exception as exc:  # urllib/HTTP/OSError/RuntimeError, depending on the mirror
+        raise UserError(
+            f"MNIST is not under {os.path.join(root, 'MNIST', 'raw')!r} and could not be downloaded "
+            f"({type(exc).__name__}). Offline: copy the four uncompressed files "
+            f"({', '.join(MNIST_FILES)}) into DATA/MNIST/raw/ and pass DATA=... / --data-root") from None
+
+
+def preprocess(images, image_size):
+    """uint8 N x 28 x 28 -> float N x 3 x S x S, bit-equal to the per-image
+    Grayscale(3) -> ToTensor -> Normalize(0.5, 0.5) chain (same ops, same order)."""
+    import torch.nn.functional as F
+
+    x = images.unsqueeze(1).float().div_(255)   # ToTensor: uint8 -> [0, 1]
+    x = x.sub_(0.5).div_(0.5)                   # Normalize(0.5, 0.5)
+    if image_size != x.shape[-1]:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                          align_corners=False, antialias=True)
+    return x.expand(-1, 3, -1, -1)              # Grayscale(3) copies the channel
+
+
+# -------------------------------------------------------------------- model
+
+def weights_file_name(name):
+    """File name torch.hub caches the named ImageNet weights under."""
+    from torchvision.models import ResNet50_Weights
+
+    return os.path.basename(ResNet50_Weights[name].url)
+
+
+def load_resnet50(spec, seed):
+    """ResNet-50 with the requested weights; returns (model, provenance string).
+
+    ``spec``: IMAGENET1K_V1 / IMAGENET1K_V2 (torchvision weights API, downloaded
+    into the torch hub cache), ``none`` (seeded random init) or a .pth state_dict.
+    """
+    import torch
+    from torchvision.models import ResNet50_Weights, resnet50
+
+    if spec in NAMED_WEIGHTS:
+        try:
+            return resnet50(weights=ResNet50_Weights[spec]), spec
+        except Exception as exc:
+            hub = os.path.join(torch.hub.get_dir(), "checkpoints", weights_file_name(spec))
+            raise UserError(
+                f"could not get the {spec} ResNet-50 weights ({type(exc).__name__}: no network?). "
+                f"Offline: put the file at {hub}, or pass a state_dict with WEIGHTS=/path/to/resnet50.pth "
+                f"(--weights), or use WEIGHTS=none for random init") from None
+    torch.manual_seed(seed)
+    model = resnet50(weights=None)
+    if spec.lower() == "none":
+        return model, "random-init (WEIGHTS=none)"
+    if not os.path.isfile(spec):
+        raise UserError(f"--weights {spec!r}: no such file (expected {', '.join(NAMED_WEIGHTS)}, "
+                        f"none, or the path of a ResNet-50 state_dict .pth)")
+    try:
+        state = torch.load(spec, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"cannot read weights file {spec!r}: not a PyTorch state_dict or corrupt "
+                        f"({type(exc).__name__})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise UserError(f"weights file {spec!r} holds a {type(state).__name__}, not a state_dict")
+    # The fc layer is dropped anyway, so a backbone-only state_dict is accepted.
+    missing, unexpected = [], []
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.startswith("fc.")]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        first = (missing or unexpected or wrong)[0]
+        raise UserError(f"weights file {spec!r} does not fit ResNet-50: {len(missing)} missing, "
+                        f"{len(unexpected)} unexpected, {len(wrong)} mis-shaped keys (first: {first!r})")
+    model.load_state_dict(state, strict=False)
+    return model, f"file:{os.path.abspath(spec)}"
+
+
+def fold_batchnorms(module):
+    """Fold every eval-mode BatchNorm into the conv before it (exact up to rounding).
+
+    In torchvision's ResNet each BatchNorm directly follows a conv in
+    registration order (conv1/bn1, convK/bnK, downsample[0]/[1]).
+    """
+    import torch.nn as nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    previous_name, previous = None, None
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.BatchNorm2d) and isinstance(previous, nn.Conv2d):
+            setattr(module, previous_name, fuse_conv_bn_eval(previous, child))
+            setattr(module, name, nn.Identity())
+        elif len(list(child.children())):
+            fold_batchnorms(child)
+        previous_name, previous = name, child
+    return module
+
+
+def build_extractor(model, device):
+    """ResNet-50 minus fc, folded and channels-last, ready for inference."""
+    import torch
+    import torch.nn as nn
+
+    model.fc = nn.Identity()        # output = flattened 2048-d avgpool
+    model.eval()
+    fold_batchnorms(model)
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
+def count_flops(model, image_size):
+    """Multiply-adds x 2 of the convs and linears for one image (hooks, one pass)."""
+    import torch
+    import torch.nn as nn
+
+    total = [0]
+
+    def conv_hook(mod, inp, out):
+        k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+        total[0] += 2 * k * out.numel()
+
+    def linear_hook(mod, inp, out):
+        total[0] += 2 * mod.in_features * out.numel()
+
+    hooks = [m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
+             for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
+
+
+# ------------------------------------------------------------------ extract
+
+def compute_features(model, images, device, batch_size=256, dtype="float32", image_size=28,
+                     progress=None):
+    """Features (float32 N x 2048) of uint8 images N x 28 x 28, in batches."""
+    import torch
+
+    out = torch.empty(len(images), FEATURE_DIM, dtype=torch.float32)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                              enabled=dtype == "bfloat16")
+    with torch.inference_mode(), autocast:
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            x = preprocess(batch.to(device), image_size).contiguous(memory_format=torch.channels_last)
+            out[start:start + len(batch)] = model(x).float().cpu()
+            if progress is not None:
+                progress.update(len(batch))
+    return out
+
+
+def extract(dataset, filename, model, device, *, batch_size=256, dtype="float32",
+            image_size=28, limit=None, metadata=None, desc=None):
+    """The assignment's ``extract(dataset, filename)``: features of a whole MNIST
+    split saved to ``filename`` (.mat, written atomically). Returns (seconds, n)."""
+    import numpy as np
+    import scipy.io as sio
+    from tqdm import tqdm
+
+    images, labels = dataset.data, dataset.targets
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    start = time.perf_counter()
+    with tqdm(total=len(images), unit="img", desc=desc or os.path.basename(filename),
+              dynamic_ncols=True) as bar:
+        features = compute_features(model, images, device, batch_size, dtype, image_size, bar)
+    seconds = time.perf_counter() - start
+    record = {
+        "features": features.numpy(),
+        "labels": labels.numpy().astype(np.int64).reshape(1, -1),   # 1 x m, as the assignment reads it
+        **(metadata or {}),
+        "elapsed_seconds": seconds,
+    }
+    with atomic_path(filename) as tmp, open(tmp, "wb") as f:
+        sio.savemat(f, record, do_compression=False)
+    return seconds, len(images)
+
+
+# --------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", default="data", help="torchvision MNIST root (DATA)")
+    p.add_argument("--out-dir", default="artifacts", help="where mnist_{train,test}.mat go (OUT)")
+    p.add_argument("--split", choices=("train", "test", "both"), default="both", help="which MNIST split(s)")
+    p.add_argument("--weights", default="IMAGENET1K_V1",
+                   help="IMAGENET1K_V1, IMAGENET1K_V2, none (random init) or a state_dict .pth")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="use only the first N images of each split; None = all")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16 autocast is opt-in: faster where the hardware has bf16 units")
+    p.add_argument("--image-size", type=positive_int, default=28,
+                   help="side of the network input; 28 as in the assignment, e.g. 224 resizes on the fly")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init (--weights none)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ensure_writable_dir(args.out_dir)           # fail before any heavy work
+    device = resolve_device(args.device)
+    splits = ("train", "test") if args.split == "both" else (args.split,)
+    datasets = {s: load_mnist(args.data_root, train=(s == "train")) for s in splits}
+
+    import torch
+
+    model, provenance = load_resnet50(args.weights, args.seed)
+    extractor = build_extractor(model, device)
+    if provenance.startswith("random-init"):
+        print("WARNING: ResNet-50 has RANDOM-INIT weights (WEIGHTS=none): these are not "
+              "ImageNet features, and nothing computed from them is the assignment's result.")
+    flops = count_flops(extractor, args.image_size)
+    v = versions()
+    metadata = {"weights": provenance, "pretrained": int(args.weights in NAMED_WEIGHTS
+                                                         or provenance.startswith("file:")),
+                "preprocessing": PREPROCESSING, "image_size": args.image_size, "dtype": args.dtype,
+                "device": str(device), "seed": args.seed,
+                "torch_version": v["torch"], "torchvision_version": v["torchvision"]}
+    print(f"ResNet-50 weights: {provenance}; device {device}, {args.dtype}, {args.image_size}x"
+          f"{args.image_size}, {torch.get_num_threads()} threads, {flops / 1e9:.3f} GFLOP/image")
+    for split in splits:
+        path = os.path.join(args.out_dir, f"mnist_{split}.mat")
+        seconds, n = extract(datasets[split], path, extractor, device, batch_size=args.batch_size,
+                             dtype=args.dtype, image_size=args.image_size, limit=args.limit,
+                             metadata=metadata, desc=split)
+        print(f"{path}: {n} x {FEATURE_DIM} in {seconds:.1f} s, {n / seconds:.0f} img/s, "
+              f"{flops * n / seconds / 1e9:.1f} GFLOP/s achieved")
+
+
+if __name__ == "__main__":
+    run_main(main)
