@@ -23,7 +23,7 @@ VAE_FIGS     := $(addprefix $(FIGURES)/,vae_loss.png vae_reconstructions.png vae
 
 .DELETE_ON_ERROR:
 .DEFAULT_GOAL := help
-.PHONY: help setup all features logreg vae figures test bench clean FORCE
+.PHONY: help setup all features logreg vae figures test bench clean distclean FORCE
 
 help: ## show this help
 	@echo "Usage: make TARGET [VAR=value ...]"
@@ -43,11 +43,13 @@ $(VENV)/.installed: $(REQS)
 
 all: features logreg vae figures ## the whole pipeline: features, classifier, VAE, figures
 
-# A stamp that changes only when the extraction settings change, so that
-# `make WEIGHTS=none` after a pretrained run re-extracts, and nothing else does.
-$(OUT)/.features.args: FORCE
-	@mkdir -p $(OUT)
-	@echo '$(DATA) $(WEIGHTS) $(LIMIT) $(DEVICE)' | cmp -s - $@ || echo '$(DATA) $(WEIGHTS) $(LIMIT) $(DEVICE)' > $@
+# Stamps that change only when a stage's settings change, so that e.g.
+# `make all WEIGHTS=none` after a pretrained run re-extracts, and nothing else does.
+$(OUT)/.features.args: STAMP = $(DATA) $(WEIGHTS) $(LIMIT) $(DEVICE)
+$(OUT)/.vae.args: STAMP = $(DATA) $(LIMIT) $(DEVICE)
+$(OUT)/.%.args: FORCE
+	@mkdir -p $(@D)
+	@echo '$(STAMP)' | cmp -s - $@ || echo '$(STAMP)' > $@
 
 features: $(FEATURES_MAT) ## ResNet-50 avgpool features of MNIST train and test
 
@@ -55,11 +57,31 @@ $(FEATURES_MAT) &: extract_features.py labio.py $(OUT)/.features.args $(SETUP)
 	$(PYTHON) extract_features.py --split both --data-root $(DATA) --out-dir $(OUT) \
 	  --weights $(WEIGHTS) --device $(DEVICE) $(LIMIT_ARG)
 
+logreg: $(OUT)/logreg.npz ## logistic regression + ROC on the features (and its figures)
+
+$(OUT)/logreg.npz: logreg.py labio.py $(FEATURES_MAT) $(SETUP)
+	$(PYTHON) logreg.py --train-mat $(OUT)/mnist_train.mat --test-mat $(OUT)/mnist_test.mat \
+	  --out-dir $(OUT) --figures-dir $(FIGURES)
+
+vae: $(OUT)/vae.pt ## train the VAE, 15 epochs (and its figures)
+
+$(OUT)/vae.pt: vae.py labio.py $(OUT)/.vae.args $(SETUP)
+	$(PYTHON) vae.py --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
+	  --device $(DEVICE) $(LIMIT_ARG)
+
+figures: $(LOGREG_FIGS) $(VAE_FIGS) ## re-render every figure from saved results, no retraining
+
+$(LOGREG_FIGS) &: $(OUT)/logreg.npz
+	$(PYTHON) logreg.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES)
+
+$(VAE_FIGS) &: $(OUT)/vae.pt
+	$(PYTHON) vae.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES) --data-root $(DATA)
+
 test: $(SETUP) ## run the test suite (python test_all.py)
 	$(PYTHON) test_all.py
 
 bench: $(SETUP) ## speed ratios against reference implementations, measured in one run
-	$(PYTHON) bench.py --data-root $(DATA) --weights $(if $(filter IMAGENET1K_%,$(WEIGHTS)),none,$(WEIGHTS))
+	$(PYTHON) bench.py --data-root $(DATA) --out-dir $(OUT)
 
 clean: ## remove generated artifacts and figures (keeps .venv and data)
 	rm -rf $(OUT) $(FIGURES)/*.png

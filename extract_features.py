@@ -16,30 +16,15 @@ time, with batch-norm folded into the convolutions and channels-last memory.
 import os
 import time
 
-from labio import (ArgumentParser, UserError, atomic_path, ensure_writable_dir, positive_int,
-                   resolve_device, run_main, versions)
+from labio import (ArgumentParser, UserError, atomic_path, check_can_create, load_mnist,
+                   positive_int, resolve_device, run_main, seed_value, versions)
 
 FEATURE_DIM = 2048
 PREPROCESSING = "Grayscale(3) -> ToTensor -> Normalize(mean=0.5, std=0.5)"
 NAMED_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2")
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 # --------------------------------------------------------------------- data
-
-def load_mnist(root, train):
-    """torchvision's MNIST split; downloads on a connected machine."""
-    from torchvision import datasets
-
-    try:
-        return datasets.MNIST(root=root, train=train, download=True)
-    except Exception as exc:  # urllib/HTTP/OSError/RuntimeError, depending on the mirror
-        raise UserError(
-            f"MNIST is not under {os.path.join(root, 'MNIST', 'raw')!r} and could not be downloaded "
-            f"({type(exc).__name__}). Offline: copy the four uncompressed files "
-            f"({', '.join(MNIST_FILES)}) into DATA/MNIST/raw/ and pass DATA=... / --data-root") from None
-
 
 def preprocess(images, image_size):
     """uint8 N x 28 x 28 -> float N x 3 x S x S, bit-equal to the per-image
@@ -224,7 +209,7 @@ def parse_args(argv=None):
     p.add_argument("--weights", default="IMAGENET1K_V1",
                    help="IMAGENET1K_V1, IMAGENET1K_V2, none (random init) or a state_dict .pth")
     p.add_argument("--limit", type=positive_int, default=None,
-                   help="use only the first N images of each split; None = all")
+                   help="use only the first N images of each split (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
                    help="auto picks cuda, then mps, then cpu")
@@ -232,13 +217,13 @@ def parse_args(argv=None):
                    help="bfloat16 autocast is opt-in: faster where the hardware has bf16 units")
     p.add_argument("--image-size", type=positive_int, default=28,
                    help="side of the network input; 28 as in the assignment, e.g. 224 resizes on the fly")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random init (--weights none)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the random init (--weights none)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    ensure_writable_dir(args.out_dir)           # fail before any heavy work
+    check_can_create(args.out_dir)              # fail before any heavy work, create nothing
     device = resolve_device(args.device)
     splits = ("train", "test") if args.split == "both" else (args.split,)
     datasets = {s: load_mnist(args.data_root, train=(s == "train")) for s in splits}

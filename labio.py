@@ -1,5 +1,5 @@
-"""What every script of the lab needs at its edges: one-line user errors,
-atomic output files, device choice and provenance.
+"""What every script of the lab needs at its edges: one-line user errors and
+argument types, atomic output files, the MNIST download, device choice and provenance.
 
 Kept free of heavy imports (torch is imported lazily) so that the numpy-only
 classifier starts fast.
@@ -39,15 +39,24 @@ def run_main(main):
         sys.exit(130)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones, whose help already says what they mean."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with defaults shown in --help and one-line errors (no usage dump)."""
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(**kwargs)
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        raise UserError(f"{message} (see --help)")
 
 
 def ensure_writable_dir(path):
@@ -57,6 +66,17 @@ def ensure_writable_dir(path):
     except OSError as exc:
         raise UserError(f"cannot create output directory {path!r}: {exc.strerror}") from None
     if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"output directory {path!r} is not writable")
+
+
+def check_can_create(path):
+    """Fail early if directory ``path`` could not be created or written, without creating it."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"cannot create output directory {path!r}: {probe!r} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"output directory {path!r} is not writable")
 
 
@@ -72,6 +92,9 @@ def atomic_path(path):
     base = os.path.basename(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)       # mkstemp makes 0600; give the usual mode
     try:
         yield tmp
         os.replace(tmp, path)
@@ -92,6 +115,23 @@ def save_figure(fig, path, **kwargs):
     fmt = os.path.splitext(path)[1].lstrip(".") or "png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, **kwargs)
+
+
+MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def load_mnist(root, train):
+    """torchvision's MNIST split; downloads on a connected machine, else says how to go offline."""
+    from torchvision import datasets
+
+    try:
+        return datasets.MNIST(root=root, train=train, download=True)
+    except Exception as exc:  # urllib/HTTP/OSError/RuntimeError, depending on the mirror
+        raise UserError(
+            f"MNIST is not under {os.path.join(root, 'MNIST', 'raw')!r} and could not be downloaded "
+            f"({type(exc).__name__}). Offline: copy the four uncompressed files "
+            f"({', '.join(MNIST_FILES)}) into DATA/MNIST/raw/ and pass DATA=... / --data-root") from None
 
 
 def resolve_device(name):
@@ -119,43 +159,40 @@ def versions():
     for mod in ("torch", "torchvision", "scipy"):
         if mod in sys.modules or mod != "torch":
             try:
-                out[mod] = __import__(mod).__version__
+                out[mod] = str(__import__(mod).__version__)   # TorchVersion is not plain str
             except ImportError:
                 pass
     return out
 
 
+def _number(text, convert, ok, what):
+    try:
+        value = convert(text)
+    except ValueError:
+        raise_arg(f"expected {what}, got {text!r}")
+    if not ok(value):
+        raise_arg(f"expected {what}, got {text!r}")
+    return value
+
+
 def positive_int(text):
     """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise_arg(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise_arg(f"expected a positive integer, got {text!r}")
-    return value
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def positive_float(text):
     """argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise_arg(f"expected a positive number, got {text!r}")
-    if not (value > 0 and value != float("inf")):
-        raise_arg(f"expected a positive number, got {text!r}")
-    return value
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a positive number")
 
 
 def nonnegative_float(text):
     """argparse type: a finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise_arg(f"expected a non-negative number, got {text!r}")
-    if not (0 <= value < float("inf")):
-        raise_arg(f"expected a non-negative number, got {text!r}")
-    return value
+    return _number(text, float, lambda v: 0 <= v < float("inf"), "a non-negative number")
+
+
+def seed_value(text):
+    """argparse type: an integer that torch.manual_seed accepts (0 <= seed < 2**63)."""
+    return _number(text, int, lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2**63)")
 
 
 def raise_arg(message):

@@ -4,6 +4,8 @@ Runs offline and without ../shared: tiny MNIST-format IDX files are built in a
 temp dir. Tests that need the real MNIST read $MNIST_ROOT and skip without it.
 """
 import copy
+import json
+import math
 import os
 import signal
 import struct
@@ -20,6 +22,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import extract_features as ef  # noqa: E402
+import logreg  # noqa: E402
+import vae  # noqa: E402
 
 # A proxy on a closed local port makes every download fail at once, whether or
 # not the machine running the tests has internet.
@@ -71,6 +75,7 @@ def assert_user_error(proc, *fragments):
     assert len(lines) == 1, proc.stderr
     for fragment in fragments:
         assert fragment.lower() in lines[0].lower(), lines[0]
+    return lines[0]
 
 
 def leftovers(directory):
@@ -379,6 +384,557 @@ def test_real_mnist_features_random_init(tmp_path):
 
     assert mat["features"].shape == (256, 2048)
     assert np.array_equal(mat["labels"][0], datasets.MNIST(root, train=True).targets[:256].numpy())
+
+
+@pytest.mark.parametrize("script", ["extract_features.py", "logreg.py", "vae.py", "bench.py"])
+def test_every_script_has_help(script):
+    proc = run_cli(script, "--help")
+    assert proc.returncode == 0 and "usage:" in proc.stdout and proc.stderr == ""
+
+
+# =========================================================================
+# logreg.py: multinomial logistic regression and ROC, from scratch
+# =========================================================================
+
+
+# --------------------------------------------------------------------- helpers
+
+def logreg_blobs(n, d, seed, spread=1.0, centers_seed=99):
+    """n samples of 10 Gaussian classes in d dimensions; spread scales the class centers."""
+    rng = np.random.default_rng(seed)
+    centers = np.random.default_rng(centers_seed).standard_normal((10, d)) * spread
+    y = rng.integers(0, 10, n)
+    return (centers[y] + rng.standard_normal((n, d))).astype(np.float32), y
+
+
+def logreg_write_mat(path, features, labels, **meta):
+    sio.savemat(path, {"features": features, "labels": np.asarray(labels).reshape(1, -1), **meta})
+
+
+def logreg_run(*args):
+    return run_cli("logreg.py", "--no-progress", *args, timeout=120)
+
+
+@pytest.fixture
+def logreg_mats(tmp_path):
+    """A small train/test pair in the extractor's format, with random-init metadata."""
+    X, y = logreg_blobs(600, 16, seed=1, spread=0.8)
+    X_te, y_te = logreg_blobs(200, 16, seed=2, spread=0.8)
+    meta = {"weights": "random-init (WEIGHTS=none)", "pretrained": 0}
+    train, test = tmp_path / "train.mat", tmp_path / "test.mat"
+    logreg_write_mat(train, X, y, **meta)
+    logreg_write_mat(test, X_te, y_te, **meta)
+    return train, test
+
+
+# --------------------------------------------------------------------- the classifier
+
+@pytest.mark.parametrize("l2", [0.0, 0.3])
+def test_logreg_gradient_matches_central_differences(l2):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((30, 6))
+    L = logreg.get_one_hot(rng.integers(0, 10, 30))
+    theta = rng.standard_normal((7, 10))
+    _, grad = logreg.loss_and_gradient(X, L, theta, l2)
+    h, numeric = 1e-6, np.zeros_like(theta)
+    for idx in np.ndindex(theta.shape):
+        step = np.zeros_like(theta)
+        step[idx] = h
+        numeric[idx] = (logreg.loss_and_gradient(X, L, theta + step, l2)[0]
+                        - logreg.loss_and_gradient(X, L, theta - step, l2)[0]) / (2 * h)
+    rel = np.linalg.norm(grad - numeric) / np.linalg.norm(grad + numeric)
+    assert rel < 1e-6
+    # apply_gradients is exactly one descent step along that gradient
+    new, loss = logreg.apply_gradients(X, L, theta, 0.5)
+    if l2 == 0:
+        np.testing.assert_allclose(new, theta - 0.5 * grad, rtol=0, atol=1e-15)
+        assert loss == pytest.approx(logreg.loss_and_gradient(X, L, theta)[0])
+
+
+def test_logreg_softmax_is_stable_for_huge_scores():
+    p = logreg.softmax(np.array([[1e4, 0.0, -1e4], [800.0, 800.0, 0.0]]))
+    assert np.all(np.isfinite(p))
+    np.testing.assert_allclose(p, [[1, 0, 0], [0.5, 0.5, 0]], atol=1e-12)
+
+
+def test_logreg_one_hot_of_loadmat_row_vector(tmp_path):
+    labels = np.array([3, 0, 9, 3, 1], dtype=np.int64)
+    logreg_write_mat(tmp_path / "x.mat", np.zeros((5, 2), np.float32), labels)
+    loaded = sio.loadmat(tmp_path / "x.mat")["labels"]
+    assert loaded.shape == (1, 5)   # what the assignment's code sees
+    onehot = logreg.get_one_hot(loaded)
+    assert onehot.shape == (5, 10)
+    assert np.array_equal(onehot.argmax(axis=1), labels)
+    assert np.array_equal(onehot.sum(axis=1), np.ones(5))
+
+
+def test_logreg_separable_problem_is_learned_perfectly():
+    X, y = logreg_blobs(1000, 20, seed=3, spread=10.0)
+    X_te, y_te = logreg_blobs(300, 20, seed=4, spread=10.0)
+    probs = logreg.mlr(X, logreg.get_one_hot(y), X_te, logreg.get_one_hot(y_te), epochs=10)
+    assert np.mean(probs.argmax(axis=1) == y_te) == 1.0
+
+
+def test_logreg_accuracy_close_to_sklearn():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = logreg_blobs(3000, 30, seed=5, spread=0.35)
+    X_te, y_te = logreg_blobs(2000, 30, seed=6, spread=0.35)
+    probs = logreg.mlr(X, logreg.get_one_hot(y), X_te, logreg.get_one_hot(y_te))
+    ours = np.mean(probs.argmax(axis=1) == y_te)
+    scaler = StandardScaler().fit(X)
+    ref = LogisticRegression(max_iter=1000).fit(scaler.transform(X), y).score(scaler.transform(X_te), y_te)
+    assert 0.5 < ref < 0.99   # a problem where the two can differ
+    assert abs(ours - ref) <= 0.01
+
+
+def test_logreg_reference_mode_uses_every_sample():
+    """The assignment's slice i:i+BATCH_SIZE-1 dropped one sample per batch; ours must not:
+    with one batch holding the whole set, one epoch is one full-batch gradient step."""
+    X, y = logreg_blobs(50, 4, seed=7)
+    L = logreg.get_one_hot(y)
+    out = logreg.train(X, L, X, L, reference=True, epochs=1, batch_size=50, lr=0.01, seed=3)
+    theta0 = 0.001 * np.random.default_rng(3).standard_normal((5, 10))
+    expected, _ = logreg.apply_gradients(X, L, theta0, 0.01)
+    np.testing.assert_allclose(out["theta"], expected, rtol=1e-12, atol=1e-15)
+
+
+def test_logreg_same_seed_same_result():
+    X, y = logreg_blobs(500, 12, seed=8, spread=0.5)
+    L = logreg.get_one_hot(y)
+    a = logreg.train(X, L, X, L, epochs=3, seed=1)
+    b = logreg.train(X, L, X, L, epochs=3, seed=1)
+    c = logreg.train(X, L, X, L, epochs=3, seed=2)
+    assert np.array_equal(a["theta"], b["theta"])
+    assert a["history"]["test_acc"] == b["history"]["test_acc"]
+    assert not np.array_equal(a["theta"], c["theta"])   # the seed does matter
+
+
+def test_logreg_standardization_guards_constant_columns():
+    X, _ = logreg_blobs(200, 5, seed=9)
+    X[:, 0] = 7.25                       # exactly constant
+    X[:, 1] = np.float32(1e4) + np.float32(1e-3) * (np.arange(200) % 2)   # round-off scale only
+    Xs, mean, scale = logreg.fit_standardize(X)
+    np.testing.assert_allclose(mean[2:], X[:, 2:].astype(np.float64).mean(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(scale[2:], X[:, 2:].astype(np.float64).std(axis=0), rtol=1e-5)
+    assert scale[0] == 1.0 and scale[1] == 1.0
+    assert np.all(np.isfinite(Xs)) and Xs.dtype == np.float32
+    np.testing.assert_allclose(Xs[:, 2:].std(axis=0), 1.0, rtol=1e-4)
+    np.testing.assert_array_equal(logreg.standardize(X, mean, scale), Xs)
+
+
+# --------------------------------------------------------------------- ROC against sklearn
+
+def logreg_tied_scores(rng, n):
+    return rng.integers(0, 8, n) / 8.0   # only 8 distinct values: many ties
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_logreg_roc_curve_matches_sklearn(seed):
+    """sklearn with drop_intermediate=False keeps one point per distinct score, as ours
+    does, so the point sets can be compared exactly, ties included."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 300)
+    score = logreg_tied_scores(rng, 300) + 0.3 * y * rng.integers(0, 2, 300)
+    fpr, tpr, thr = logreg.roc_curve(y, score)
+    sk_fpr, sk_tpr, sk_thr = sk_roc_curve(y, score, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tpr, sk_tpr, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(thr, sk_thr)
+    assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+    assert logreg.auc(fpr, tpr) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+
+
+def test_logreg_auc_is_the_trapezoid_rule():
+    assert logreg.auc([0, 0.5, 1], [0, 1, 1]) == pytest.approx(0.75, abs=1e-15)
+    assert logreg.auc([1, 0.5, 0], [1, 1, 0]) == pytest.approx(0.75, abs=1e-15)
+    with pytest.raises(ValueError):
+        logreg.auc([0, 1, 0.5], [0, 1, 1])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_logreg_multiclass_auc_matches_sklearn_ovr(seed):
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, 500)
+    counts = rng.multinomial(16, np.full(10, 0.1), size=500)
+    counts[np.arange(500), y] += rng.integers(0, 4, 500)   # some signal
+    probs = counts / counts.sum(axis=1, keepdims=True)     # rows sum to 1, heavy ties
+    roc = logreg.multiclass_roc(y, probs)
+    assert roc["macro_auc"] == pytest.approx(
+        roc_auc_score(y, probs, multi_class="ovr", average="macro"), abs=1e-12)
+    assert roc["micro_auc"] == pytest.approx(
+        roc_auc_score(y, probs, multi_class="ovr", average="micro"), abs=1e-12)
+    per_class = roc_auc_score(logreg.get_one_hot(y), probs, average=None)
+    np.testing.assert_allclose(roc["per_class_auc"], per_class, rtol=0, atol=1e-12)
+    grid, macro_tpr = roc["macro"]
+    assert grid[0] == 0 and grid[-1] == 1 and np.all(np.diff(macro_tpr) >= 0)
+
+
+# --------------------------------------------------------------------- command line
+
+def test_logreg_cli_writes_outputs_and_replots(logreg_mats, tmp_path):
+    train, test = logreg_mats
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    r = logreg_run("--train-mat", str(train), "--test-mat", str(test), "--out-dir", str(out),
+                   "--figures-dir", str(figs), "--epochs", "5")
+    assert r.returncode == 0, r.stderr
+    assert "RANDOM-INIT" in r.stdout
+    with np.load(out / "logreg.npz", allow_pickle=False) as z:
+        probs, labels = z["test_probs"], z["test_labels"]
+        assert len(z["test_acc"]) == len(z["train_loss"]) == len(z["val_acc"]) <= 5
+        assert json.loads(str(z["provenance_json"]))["train"]["weights"] == "random-init (WEIGHTS=none)"
+        assert json.loads(str(z["config_json"]))["epochs"] == 5
+    m = json.loads((out / "logreg_metrics.json").read_text())
+    assert m["test_accuracy"] == pytest.approx(np.mean(probs.argmax(axis=1) == labels))
+    assert m["auc"]["macro"] == pytest.approx(logreg.multiclass_roc(labels, probs)["macro_auc"])
+    assert m["weights"] == "random-init (WEIGHTS=none)" and m["random_init_weights"] is True
+    names = {"logreg_test_accuracy.png", "roc.png", "confusion_matrix.png"}
+    assert set(os.listdir(figs)) == names
+    assert set(os.listdir(out)) == {"logreg.npz", "logreg_metrics.json"}   # no temp files left
+    for name in names:
+        os.remove(figs / name)
+    r = logreg_run("--plot-only", "--out-dir", str(out), "--figures-dir", str(figs))
+    assert r.returncode == 0, r.stderr
+    assert set(os.listdir(figs)) == names
+
+
+def test_logreg_metadata_is_optional(tmp_path):
+    """The assignment's own .mat files have no metadata: provenance is then 'unknown'."""
+    X, y = logreg_blobs(200, 8, seed=10)
+    logreg_write_mat(tmp_path / "a.mat", X, y)
+    _, _, _, _, prov = logreg.load_pair(str(tmp_path / "a.mat"), str(tmp_path / "a.mat"))
+    assert prov["train"] == {"weights": "unknown"}
+    assert not logreg.is_random_init(prov["train"])
+
+
+def logreg_bad_inputs(tmp_path):
+    """(name, train .mat path, test .mat path, extra args, expected text in the error)."""
+    X, y = logreg_blobs(100, 8, seed=11)
+    good = tmp_path / "good.mat"
+    logreg_write_mat(good, X, y)
+    cases = {}
+
+    def mat(name, **record):
+        path = tmp_path / f"{name}.mat"
+        sio.savemat(path, record)
+        return path
+
+    cases["missing"] = (tmp_path / "nope.mat", good, [], "make features")
+    cases["no_labels"] = (mat("no_labels", features=X), good, [], "labels")
+    cases["not_2d"] = (mat("not_2d", features=X.reshape(100, 2, 4), labels=y.reshape(1, -1)), good, [], "2-D")
+    cases["dims_differ"] = (good, mat("dims", features=X[:, :5], labels=y.reshape(1, -1)), [], "dimensions")
+    cases["label_count"] = (mat("count", features=X, labels=y[:99].reshape(1, -1)), good, [], "labels for")
+    bad = y.copy()
+    bad[3] = 10
+    cases["label_range"] = (mat("range", features=X, labels=bad.reshape(1, -1)), good, [], "0-9")
+    Xn = X.copy()
+    Xn[5, 2] = np.nan
+    cases["non_finite"] = (mat("nan", features=Xn, labels=y.reshape(1, -1)), good, [], "NaN")
+    big = mat("big", features=X * 1e10, labels=y.reshape(1, -1))
+    cases["loss_blows_up"] = (big, big, ["--lr", "1e300", "--epochs", "3"], "lower --lr")
+    cases["loss_blows_up_reference"] = (big, big, ["--reference", "--lr", "1e300", "--epochs", "3"],
+                                        "lower --lr")
+    return cases
+
+
+def test_logreg_input_errors_are_one_line_and_write_nothing(tmp_path):
+    for name, (train, test, extra, expected) in logreg_bad_inputs(tmp_path).items():
+        out, figs = tmp_path / f"out_{name}", tmp_path / f"figs_{name}"
+        r = logreg_run("--train-mat", str(train), "--test-mat", str(test), "--out-dir", str(out),
+                       "--figures-dir", str(figs), *extra)
+        assert r.returncode != 0, name
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in r.stderr, (name, r.stderr)
+        assert expected in lines[0], (name, lines[0])
+        assert not out.exists() and not figs.exists(), name
+
+
+def test_logreg_plot_only_without_npz_fails_clearly(tmp_path):
+    r = logreg_run("--plot-only", "--out-dir", str(tmp_path / "none"), "--figures-dir", str(tmp_path / "f"))
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1 and "make logreg" in r.stderr
+    assert not (tmp_path / "f").exists()
+
+
+def test_logreg_help_works():
+    r = logreg_run("--help")
+    assert r.returncode == 0 and "--reference" in r.stdout and "--plot-only" in r.stdout
+
+
+def test_logreg_plot_only_rejects_a_foreign_npz(tmp_path):
+    np.savez(tmp_path / "logreg.npz", theta=np.zeros((3, 10)))
+    r = logreg_run("--plot-only", "--out-dir", str(tmp_path), "--figures-dir", str(tmp_path / "f"))
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1 and "make logreg" in r.stderr
+    assert not (tmp_path / "f").exists()
+
+
+# =========================================================================
+# vae.py: the variational autoencoder
+# =========================================================================
+VAE_N_TRAIN, VAE_N_TEST = 256, 64
+
+
+@pytest.fixture(scope="module")
+def vae_data_root(tmp_path_factory):
+    return make_mnist(str(tmp_path_factory.mktemp("vae_mnist")), VAE_N_TRAIN, VAE_N_TEST, seed=1)
+
+
+@pytest.fixture(scope="module")
+def vae_trained(vae_data_root, tmp_path_factory):
+    """One CLI run (2 epochs) whose checkpoint the error tests reuse."""
+    out = tmp_path_factory.mktemp("vae_out")
+    threads = torch.get_num_threads()  # main() sets 1 thread, as the CLI should; restore it
+    try:
+        vae.main(["--data-root", vae_data_root, "--out-dir", str(out), "--figures-dir", str(out / "figs"),
+                  "--epochs", "2", "--z-dim", "4", "--device", "cpu", "--seed", "3"])
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture
+def vae_one_thread():
+    """Train as the CLI does on a CPU: one thread (tiny matmuls, and a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def vae_cli(*args):
+    return run_cli("vae.py", *args, timeout=120)
+
+
+# ------------------------------------------------------------------ model
+
+def test_vae_shapes():
+    model = vae.VAE(7)
+    recon, mu, logvar = model(torch.rand(5, 1, 28, 28))
+    assert recon.shape == (5, 784) and mu.shape == (5, 7) and logvar.shape == (5, 7)
+    assert recon.min() >= 0 and recon.max() <= 1
+    assert model.decoder(torch.zeros(3, 7)).shape == (3, 784)
+
+
+def test_vae_layer_names_match_the_assignment():
+    shapes = {k: tuple(v.shape) for k, v in vae.VAE(20).state_dict().items()}
+    assert shapes == {
+        "encoder.fc1.weight": (400, 784), "encoder.fc1.bias": (400,),
+        "encoder.fc2_mu.weight": (20, 400), "encoder.fc2_mu.bias": (20,),
+        "encoder.fc2_logvar.weight": (20, 400), "encoder.fc2_logvar.bias": (20,),
+        "decoder.fc3.weight": (400, 20), "decoder.fc3.bias": (400,),
+        "decoder.fc4.weight": (784, 400), "decoder.fc4.bias": (784,),
+    }
+
+
+# ------------------------------------------------------------------- loss
+
+def test_vae_kl_closed_form_matches_monte_carlo():
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    logvar = torch.randn(2, 3, generator=gen, dtype=torch.float64) * 0.5
+    std = torch.exp(0.5 * logvar)
+    z = mu + std * torch.randn(400_000, 2, 3, generator=gen, dtype=torch.float64)
+    log_q = torch.distributions.Normal(mu, std).log_prob(z)
+    log_p = torch.distributions.Normal(0.0, 1.0).log_prob(z)
+    mc = (log_q - log_p).sum((1, 2)).mean().item()
+    assert vae.kl_divergence(mu, logvar).item() == pytest.approx(mc, abs=0.02)
+
+
+def test_vae_loss_function_matches_hand_computation():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(4, 784, generator=gen, dtype=torch.float64)
+    logits = torch.randn(4, 784, generator=gen, dtype=torch.float64)
+    mu = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    logvar = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    p = 1 / (1 + np.exp(-logits.numpy()))
+    xn, mun, lvn = x.numpy(), mu.numpy(), logvar.numpy()
+    bce = -np.sum(xn * np.log(p) + (1 - xn) * np.log(1 - p))
+    kld = -0.5 * np.sum(1 + lvn - mun ** 2 - np.exp(lvn))
+    assert vae.loss_function(torch.sigmoid(logits), x, mu, logvar).item() == pytest.approx(bce + kld, rel=1e-10)
+    # The logits form the training loop uses is the same loss.
+    assert vae.loss_from_logits(logits, x, mu, logvar).item() == pytest.approx(bce + kld, rel=1e-10)
+
+
+@pytest.mark.parametrize("lam", [0.003, 0.2, 0.4999, 0.5, 0.5002, 0.7, 0.995])
+def test_vae_continuous_bernoulli_density_integrates_to_one(lam):
+    from scipy.integrate import quad
+
+    logit = torch.tensor(math.log(lam / (1 - lam)), dtype=torch.float64)
+    log_c = vae.cb_log_normalizer(logit).item()
+    total, _ = quad(lambda x: math.exp(log_c + x * math.log(lam) + (1 - x) * math.log(1 - lam)), 0, 1)
+    assert total == pytest.approx(1.0, abs=1e-7)
+
+
+def test_vae_continuous_bernoulli_is_smooth_at_one_half():
+    logits = torch.tensor([-0.011, -0.0099, -1e-6, 0.0, 1e-6, 0.0099, 0.011], requires_grad=True)
+    values = vae.cb_log_normalizer(logits)
+    values.sum().backward()
+    assert torch.isfinite(values).all() and torch.isfinite(logits.grad).all()
+    assert values[3].item() == pytest.approx(math.log(2), abs=1e-7)
+    # Both sides of the Taylor window agree: log C is continuous there.
+    assert values[1].item() == pytest.approx(values[0].item(), abs=2e-5)
+    assert values[5].item() == pytest.approx(values[6].item(), abs=2e-5)
+
+
+def test_vae_reparameterize_statistics_and_gradients():
+    torch.manual_seed(0)
+    mu = torch.full((200_000, 2), 1.5, requires_grad=True)
+    logvar = torch.full((200_000, 2), math.log(0.25), requires_grad=True)
+    z = vae.VAE.reparameterize(mu, logvar)
+    assert z.mean().item() == pytest.approx(1.5, abs=0.01)
+    assert z.std().item() == pytest.approx(0.5, abs=0.01)
+    z.sum().backward()
+    assert torch.allclose(mu.grad, torch.ones_like(mu))
+    assert logvar.grad.abs().sum() > 0 and torch.isfinite(logvar.grad).all()
+
+
+# ------------------------------------------------------------------- data
+
+def test_vae_preloaded_pixels_equal_totensor(vae_data_root):
+    from torchvision import datasets, transforms
+
+    dataset = datasets.MNIST(vae_data_root, train=True, download=False)
+    images, labels = vae.preload(dataset, limit=10)
+    assert images.shape == (10, 784) and images.dtype == torch.float32
+    to_tensor = transforms.ToTensor()
+    for i in range(10):
+        pil, label = dataset[i]
+        assert torch.equal(images[i], to_tensor(pil).view(784))
+        assert labels[i].item() == label
+
+
+def test_vae_download_failure_is_a_user_error(monkeypatch, tmp_path):
+    from torchvision import datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(datasets, "MNIST", offline)
+    with pytest.raises(vae.UserError, match="MNIST/raw"):
+        vae.load_mnist(str(tmp_path), train=True)
+
+
+# --------------------------------------------------------------- training
+
+def test_vae_one_short_epoch_lowers_the_loss(vae_data_root, vae_one_thread):
+    train_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=True))
+    torch.manual_seed(0)
+    model = vae.VAE(8)
+    before = vae.evaluate(model, train_x)
+    losses, tests = vae.train_vae(model, train_x, epochs=1, batch_size=32, log=None, progress=False)
+    assert tests == [] and len(losses) == 1
+    assert vae.evaluate(model, train_x) < 0.8 * before
+
+
+def test_vae_same_seed_same_losses_and_seed_matters(vae_data_root, vae_one_thread):
+    train_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=True))
+    test_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=False))
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return vae.train_vae(vae.VAE(4), train_x, test_x, epochs=2, seed=seed, log=None, progress=False)
+
+    assert run(5) == run(5)
+    assert run(5) != run(6)
+
+
+def test_vae_cli_same_seed_same_losses_with_limit(vae_data_root, tmp_path, vae_one_thread):
+    def run(name):
+        out = tmp_path / name
+        vae.main(["--data-root", vae_data_root, "--out-dir", str(out), "--figures-dir", str(out / "figs"),
+                  "--epochs", "2", "--limit", "128", "--device", "cpu", "--seed", "7"])
+        return torch.load(out / "vae.pt", weights_only=True)
+
+    first, second = run("a"), run("b")
+    assert first["config"]["n_train"] == 128 and first["config"]["n_test"] == 64
+    assert first["train_loss"] == second["train_loss"] and first["test_loss"] == second["test_loss"]
+    assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
+
+
+def test_vae_cli_outputs_and_checkpoint_round_trip(vae_trained, vae_data_root):
+    ckpt_path = vae_trained / "vae.pt"
+    model, ckpt = vae.load_checkpoint(str(ckpt_path), z_dim=4)
+    assert ckpt["config"]["z_dim"] == 4 and ckpt["seed"] == 3 and len(ckpt["train_loss"]) == 2
+    assert len(ckpt["test_loss"]) == 2 and "torch" in ckpt["versions"]
+    metrics = json.loads((vae_trained / "vae_metrics.json").read_text())
+    assert metrics["train_loss"] == ckpt["train_loss"][-1] and metrics["epochs"] == 2
+    assert sorted(os.listdir(vae_trained / "figs")) == sorted(vae.FIGURE_NAMES)
+    # The reloaded model computes exactly what the saved weights compute.
+    reference = vae.VAE(4)
+    reference.load_state_dict(ckpt["model"])
+    x = torch.rand(16, 784)
+    assert torch.equal(model.encoder(x)[0], reference.encoder(x)[0])
+    assert torch.equal(model.decoder(torch.ones(3, 4)), reference.decoder(torch.ones(3, 4)))
+    # Re-rendering from the checkpoint reproduces the figures byte for byte.
+    figs = vae_trained / "figs_again"
+    vae.main(["--plot-only", "--out-dir", str(vae_trained), "--figures-dir", str(figs)])
+    for name in ("vae_samples.png", "vae_reconstructions.png", "vae_interpolation.png"):
+        assert (figs / name).read_bytes() == (vae_trained / "figs" / name).read_bytes()
+
+
+def test_vae_non_finite_loss_stops_in_process(vae_data_root, vae_one_thread):
+    train_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=True))
+    torch.manual_seed(0)
+    with pytest.raises(vae.UserError, match="non-finite at epoch 1"):
+        vae.train_vae(vae.VAE(4), train_x, epochs=3, lr=1e30, log=None, progress=False)
+
+
+# ------------------------------------------------------------- CLI errors
+
+def test_vae_cli_non_finite_loss_writes_nothing(vae_data_root, tmp_path):
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    result = vae_cli("--data-root", vae_data_root, "--out-dir", str(out), "--figures-dir", str(figs),
+                         "--lr", "1e30", "--epochs", "2", "--device", "cpu")
+    line = assert_user_error(result)
+    assert "non-finite at epoch 1" in line and "--lr" in line
+    assert not any(p.is_file() for d in (out, figs) if d.exists() for p in d.iterdir())
+
+
+def test_vae_cli_plot_only_without_checkpoint(tmp_path):
+    result = vae_cli("--plot-only", "--out-dir", str(tmp_path), "--figures-dir", str(tmp_path / "f"))
+    line = assert_user_error(result)
+    assert "no checkpoint at" in line and "make vae" in line
+    assert not (tmp_path / "f").exists() or not os.listdir(tmp_path / "f")
+
+
+def test_vae_cli_checkpoint_with_other_z_dim(vae_trained, tmp_path):
+    result = vae_cli("--plot-only", "--out-dir", str(vae_trained), "--figures-dir", str(tmp_path),
+                         "--z-dim", "20")
+    assert "z_dim 4" in assert_user_error(result)
+    assert os.listdir(tmp_path) == []
+
+
+def test_vae_cli_corrupt_checkpoint(tmp_path):
+    (tmp_path / "vae.pt").write_bytes(b"\x80\x04 this is not a checkpoint")
+    result = vae_cli("--plot-only", "--out-dir", str(tmp_path), "--figures-dir", str(tmp_path / "f"))
+    assert "corrupt" in assert_user_error(result)
+    assert not (tmp_path / "f").exists() or not os.listdir(tmp_path / "f")
+
+
+@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--lr", "-1"], ["--likelihood", "gaussian"],
+                                   ["--seed", str(2 ** 70)]])
+def test_vae_cli_nonsense_flags(flags, tmp_path):
+    result = vae_cli("--out-dir", str(tmp_path / "o"), "--figures-dir", str(tmp_path / "f"), *flags)
+    assert flags[0] in assert_user_error(result)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(not os.environ.get("MNIST_ROOT"), reason="set MNIST_ROOT to the real MNIST root")
+def test_vae_real_mnist_first_epoch_on_a_subset(vae_one_thread):
+    """A quick look at real digits: 1 epoch on 6000 images gives a loss far below the start."""
+    train_x, _ = vae.preload(vae.load_mnist(os.environ["MNIST_ROOT"], train=True), limit=6000)
+    torch.manual_seed(0)
+    model = vae.VAE(20)
+    start = vae.evaluate(model, train_x)
+    losses, _ = vae.train_vae(model, train_x, epochs=1, log=None, progress=False)
+    assert start > 500 and 150 < losses[0] < 260
 
 
 if __name__ == "__main__":

@@ -1,0 +1,625 @@
+"""Multinomial logistic regression and ROC curves on ResNet-50 features, from scratch in numpy.
+
+Reads the .mat files written by extract_features.py (``features`` m x 2048,
+``labels`` 1 x m), trains a softmax classifier, and writes
+``OUT/logreg.npz`` (everything the figures need), ``OUT/logreg_metrics.json``
+and three figures. Only numpy does the math; no library classifier and no
+library ROC.
+
+    python logreg.py                                  # artifacts/ -> artifacts/, figures/
+    python logreg.py --reference                      # the assignment's own procedure
+    python logreg.py --plot-only                      # re-render figures from logreg.npz
+
+The default training is the fast route to the best test accuracy:
+standardized features, shuffled mini-batches, Nesterov momentum, a cosine
+learning-rate schedule, L2, and early stopping on a validation split carved
+from the training set (the test set only ever gets reported, never used to choose).
+"""
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from labio import (ArgumentParser, UserError, atomic_path, check_can_create, ensure_writable_dir,
+                   nonnegative_float, positive_float, positive_int, run_main, save_figure, seed_value,
+                   versions, write_json)
+
+NUM_CLASSES = 10
+METADATA_KEYS = ("weights", "pretrained", "preprocessing", "image_size", "dtype",
+                 "torch_version", "torchvision_version", "elapsed_seconds")
+# Defaults of the two training procedures; None on the command line means "the mode's default".
+DEFAULTS = {
+    "fast": {"epochs": 15, "batch_size": 256, "lr": 0.05, "l2": 1e-3},
+    "reference": {"epochs": 1000, "batch_size": 64, "lr": 0.001, "l2": 0.0},
+}
+REFERENCE_TOL = 1e-10   # the assignment stops when the parameter change falls below this
+
+
+# --------------------------------------------------------------------- the assignment's functions
+
+def get_one_hot(labels):
+    """m labels (any shape, e.g. the 1 x m row vector loadmat returns) -> m x 10 one-hot float64."""
+    labels = np.asarray(labels).reshape(-1)
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ValueError(f"labels must lie in 0..{NUM_CLASSES - 1}")
+    onehot = np.zeros((labels.size, NUM_CLASSES))
+    onehot[np.arange(labels.size), labels.astype(np.int64)] = 1.0
+    return onehot
+
+
+def logits(X, theta):
+    """Class scores. theta is (d + 1) x 10: the last row is the bias, so X needs no ones column."""
+    return X @ theta[:-1] + theta[-1]
+
+
+def softmax(z):
+    """Row-wise softmax; subtracting the row maximum keeps exp() from overflowing."""
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def loss_and_gradient(X, L, theta, l2=0.0):
+    """Mean softmax cross-entropy of the batch (+ l2/2 |W|^2, bias excluded) and its gradient."""
+    z = logits(X, theta)
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))   # log-softmax, stable
+    n = X.shape[0]
+    loss = -np.sum(L * log_p) / n
+    delta = (np.exp(log_p) - L) / n
+    grad = np.empty_like(theta)
+    grad[:-1] = X.T @ delta
+    grad[-1] = delta.sum(axis=0)
+    if l2:
+        loss += 0.5 * l2 * np.sum(theta[:-1] ** 2)
+        grad[:-1] += l2 * theta[:-1]
+    return loss, grad
+
+
+def apply_gradients(X, L, theta, lr):
+    """One step of gradient descent on the mean softmax cross-entropy. Returns (new theta, loss)."""
+    loss, grad = loss_and_gradient(X, L, theta)
+    return theta - lr * grad, loss
+
+
+def predict_proba(X, theta, mean=None, scale=None, chunk=2048):
+    """Test probabilities in float64 (the ROC needs them precise), standardizing if asked.
+    Row chunks keep the float64 temporaries small."""
+    theta = theta.astype(np.float64)
+    out = np.empty((X.shape[0], theta.shape[1]))
+    for start in range(0, X.shape[0], chunk):
+        block = np.asarray(X[start:start + chunk], dtype=np.float64)
+        if mean is not None:
+            block = (block - mean) / scale
+        out[start:start + chunk] = softmax(logits(block, theta))
+    return out
+
+
+def mlr(trfeature, tr_onehot, tefeature, te_onehot, **options):
+    """The assignment's ``mlr``: train, return the predicted test probabilities (m_test x 10).
+
+    ``options`` are those of ``train`` (epochs, batch_size, lr, l2, seed, reference, ...).
+    """
+    return train(trfeature, tr_onehot, tefeature, te_onehot, **options)["test_probs"]
+
+
+# --------------------------------------------------------------------- training
+
+def fit_standardize(X, chunk=4096, copy=True):
+    """Standardize with the train statistics: returns (X standardized as float32, mean, scale).
+
+    With copy=False a float32 X is standardized in place (saves allocating
+    another 0.5 GB for the full training set, which costs seconds here).
+
+    The mean is accumulated in float64; the variance is taken of the centered
+    copy chunk by chunk (float32 within a chunk, float64 across), which avoids
+    float64 copies of the whole matrix. Random-init features have
+    (near-)constant columns: a column whose spread is zero, or lost in the
+    float32 round-off of its mean, keeps scale 1 so that dividing does not blow
+    round-off noise up to unit variance.
+    """
+    n, d = X.shape
+    mean = np.zeros(d)
+    for start in range(0, n, chunk):
+        mean += X[start:start + chunk].sum(axis=0, dtype=np.float64)
+    mean /= n
+    if copy or X.dtype != np.float32:
+        Xs = np.subtract(X, mean.astype(np.float32), dtype=np.float32)
+    else:
+        Xs = X
+        Xs -= mean.astype(np.float32)
+    squares = np.zeros(d)
+    for start in range(0, n, chunk):
+        block = Xs[start:start + chunk]
+        squares += np.einsum("ij,ij->j", block, block)
+    std = np.sqrt(squares / n)
+    flat = std <= 1e-6 * np.maximum(np.abs(mean), np.finfo(np.float32).tiny)
+    scale = np.where(flat, 1.0, std)
+    Xs /= scale.astype(np.float32)
+    return Xs, mean, scale
+
+
+def standardize(X, mean, scale, dtype=np.float32):
+    """Apply train statistics to other data (validation, test)."""
+    Xs = np.subtract(X, mean.astype(dtype), dtype=dtype)
+    Xs /= scale.astype(dtype)
+    return Xs
+
+
+def accuracy(X, y, theta):
+    return float(np.mean(np.argmax(logits(X, theta), axis=1) == y))
+
+
+def check_finite(loss, epoch):
+    if not np.isfinite(loss):
+        raise UserError(f"loss became non-finite at epoch {epoch}; lower --lr")
+
+
+def train(trfeature, tr_onehot, tefeature, te_onehot, *, epochs=None, batch_size=None, lr=None,
+          l2=None, seed=0, reference=False, val_fraction=0.1, momentum=0.9, patience=6,
+          progress=False, copy=True):
+    """Train either way and return a dict: theta, mean/scale (None in reference mode),
+    per-epoch histories (train_loss, val_acc, test_acc, seconds), test_probs, epochs_run, best_epoch.
+
+    copy=False lets the default training standardize a float32 ``trfeature`` in place.
+    """
+    mode = DEFAULTS["reference" if reference else "fast"]
+    epochs = mode["epochs"] if epochs is None else epochs
+    batch_size = mode["batch_size"] if batch_size is None else batch_size
+    lr = mode["lr"] if lr is None else lr
+    l2 = mode["l2"] if l2 is None else l2
+    start = time.perf_counter()   # per-epoch times count from here, standardization included
+    rng = np.random.default_rng(seed)
+    y_te = np.argmax(te_onehot, axis=1)
+    # overflow/NaN in a diverging run is caught by check_finite with a clear message
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _train(trfeature, tr_onehot, tefeature, y_te, epochs, batch_size, lr, l2, seed,
+                      reference, val_fraction, momentum, patience, progress, rng, start, copy)
+
+
+def _train(trfeature, tr_onehot, tefeature, y_te, epochs, batch_size, lr, l2, seed, reference,
+           val_fraction, momentum, patience, progress, rng, start, copy):
+    if reference:
+        result = _train_reference(trfeature, tr_onehot, tefeature, y_te, epochs, batch_size, lr, l2,
+                                  rng, progress, start)
+        mean = scale = None
+    else:
+        X_std, mean, scale = fit_standardize(trfeature, copy=copy)
+        result = _train_fast(X_std, tr_onehot,
+                             standardize(tefeature, mean, scale), y_te, epochs, batch_size, lr, l2,
+                             rng, val_fraction, momentum, patience, progress, start)
+    result.update(mean=mean, scale=scale,
+                  test_probs=predict_proba(tefeature, result["theta"], mean, scale),
+                  config=dict(reference=reference, epochs=epochs, batch_size=batch_size, lr=lr, l2=l2,
+                              seed=seed, val_fraction=None if reference else val_fraction,
+                              momentum=None if reference else momentum,
+                              patience=None if reference else patience))
+    return result
+
+
+def _progress(iterable, enabled, desc):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, unit="epoch", dynamic_ncols=True)
+
+
+def _history():
+    return {"train_loss": [], "val_acc": [], "test_acc": [], "seconds": []}
+
+
+def _train_fast(X, L, X_te, y_te, epochs, batch_size, lr, l2, rng, val_fraction, momentum,
+                patience, progress, start):
+    """Nesterov-momentum mini-batch SGD, cosine-decayed lr, early stopping on a validation split."""
+    order = rng.permutation(X.shape[0])
+    n_val = int(round(val_fraction * X.shape[0])) if val_fraction > 0 else 0
+    val_idx, tr_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+    X_val, y_val = X[val_idx], np.argmax(L[val_idx], axis=1)
+    L = L.astype(X.dtype)
+    n = len(tr_idx)   # batches index X through tr_idx: no copy of the training rows
+    theta = np.zeros((X.shape[1] + 1, NUM_CLASSES), dtype=X.dtype)   # convex: zeros is as good as any
+    velocity = np.zeros_like(theta)
+    steps_per_epoch = -(-n // batch_size)
+    total_steps, step = epochs * steps_per_epoch, 0
+    hist, best = _history(), (-1.0, 0, theta.copy())
+    bar = _progress(range(1, epochs + 1), progress, "logreg")
+    for epoch in bar:
+        perm = tr_idx[rng.permutation(n)]
+        loss_sum = 0.0
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            # cosine schedule from lr to 0 over the whole run, step by step
+            rate = 0.5 * lr * (1.0 + math.cos(math.pi * step / total_steps))   # a Python float keeps float32
+            # Nesterov: gradient at the look-ahead point theta + momentum * velocity
+            loss, grad = loss_and_gradient(X[idx], L[idx], theta + momentum * velocity, l2)
+            velocity = momentum * velocity - rate * grad
+            theta += velocity
+            loss_sum += float(loss) * len(idx)
+            step += 1
+        train_loss = loss_sum / n
+        check_finite(train_loss, epoch)
+        val_acc = accuracy(X_val, y_val, theta) if n_val else float("nan")
+        test_acc = accuracy(X_te, y_te, theta)
+        _record(hist, train_loss, val_acc, test_acc, time.perf_counter() - start)
+        _report(bar, progress, epoch, epochs, train_loss, val_acc, test_acc)
+        if n_val and val_acc > best[0]:
+            best = (val_acc, epoch, theta.copy())
+        elif n_val and epoch - best[1] >= patience:
+            break   # no validation gain for `patience` epochs
+    if n_val:
+        theta, best_epoch = best[2], best[1]
+    else:
+        best_epoch = epoch
+    return {"theta": theta.astype(np.float64), "history": hist, "epochs_run": epoch,
+            "best_epoch": best_epoch}
+
+
+def _train_reference(X, L, X_te, y_te, epochs, batch_size, lr, l2, rng, progress, start):
+    """The assignment's loop: raw features, theta ~ 0.001 randn, plain mini-batch gradient
+    descent in file order, stop when one epoch moves theta by less than 1e-10 (Frobenius norm).
+
+    The assignment sliced ``X[i:i + BATCH_SIZE - 1]``, silently dropping the last sample of every
+    batch; here every batch is ``X[i:i + batch_size]``.
+    """
+    n, d = X.shape
+    theta = 0.001 * rng.standard_normal((d + 1, NUM_CLASSES))
+    hist = _history()
+    bar = _progress(range(1, epochs + 1), progress, "logreg --reference")
+    for epoch in bar:
+        before = theta.copy()
+        loss_sum = 0.0
+        for i in range(0, n, batch_size):
+            if l2:
+                loss, grad = loss_and_gradient(X[i:i + batch_size], L[i:i + batch_size], theta, l2)
+                theta = theta - lr * grad
+            else:
+                theta, loss = apply_gradients(X[i:i + batch_size], L[i:i + batch_size], theta, lr)
+            loss_sum += float(loss) * min(batch_size, n - i)
+        train_loss = loss_sum / n
+        check_finite(train_loss, epoch)
+        test_acc = accuracy(X_te, y_te, theta)
+        _record(hist, train_loss, float("nan"), test_acc, time.perf_counter() - start)
+        _report(bar, progress, epoch, epochs, train_loss, float("nan"), test_acc)
+        if np.linalg.norm(theta - before) < REFERENCE_TOL:
+            break
+    return {"theta": theta, "history": hist, "epochs_run": epoch, "best_epoch": epoch}
+
+
+def _record(hist, train_loss, val_acc, test_acc, seconds):
+    hist["train_loss"].append(train_loss)
+    hist["val_acc"].append(val_acc)
+    hist["test_acc"].append(test_acc)
+    hist["seconds"].append(seconds)
+
+
+def _report(bar, progress, epoch, epochs, train_loss, val_acc, test_acc):
+    if progress:
+        bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_acc:.4f}", test=f"{test_acc:.4f}")
+
+
+# --------------------------------------------------------------------- ROC, from scratch
+
+def roc_curve(y_true, score):
+    """ROC of one binary problem: (fpr, tpr, thresholds).
+
+    Thresholds are the distinct scores in decreasing order, preceded by +inf so
+    that the curve starts at (0, 0); tied scores move the curve in one step
+    (a diagonal segment), never in an order-dependent staircase. Every distinct
+    score gives a point (no collinear points are dropped).
+    """
+    y_true = np.asarray(y_true).reshape(-1).astype(bool)
+    score = np.asarray(score, dtype=np.float64).reshape(-1)
+    if y_true.shape != score.shape:
+        raise ValueError("y_true and score must have the same length")
+    order = np.argsort(-score, kind="stable")
+    score, y_true = score[order], y_true[order]
+    # last index of each run of equal scores: the curve's points
+    ends = np.r_[np.flatnonzero(np.diff(score)), score.size - 1]
+    tps = np.cumsum(y_true)[ends].astype(np.float64)
+    fps = (ends + 1) - tps
+    tps, fps = np.r_[0.0, tps], np.r_[0.0, fps]
+    with np.errstate(invalid="ignore", divide="ignore"):   # one class absent: nan, as sklearn
+        tpr = tps / tps[-1]
+        fpr = fps / fps[-1]
+    return fpr, tpr, np.r_[np.inf, score[ends]]
+
+
+def auc(x, y):
+    """Area under the curve (x, y) by the trapezoid rule; x must be monotonic."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    dx = np.diff(x)
+    direction = 1.0
+    if np.any(dx < 0):
+        if np.all(dx <= 0):
+            direction = -1.0
+        else:
+            raise ValueError("auc needs x sorted (increasing or decreasing)")
+    return direction * float(np.sum(dx * (y[1:] + y[:-1]) / 2.0))
+
+
+def multiclass_roc(labels, probs):
+    """One-vs-rest ROC per class, micro average (all class-score pairs pooled) and macro
+    average (mean of per-class AUCs; curve = mean of the per-class curves interpolated on
+    the union of their FPRs)."""
+    labels = np.asarray(labels).reshape(-1)
+    onehot = get_one_hot(labels)
+    curves, aucs = [], []
+    for k in range(probs.shape[1]):
+        fpr, tpr, _ = roc_curve(onehot[:, k], probs[:, k])
+        curves.append((fpr, tpr))
+        aucs.append(auc(fpr, tpr))
+    micro_fpr, micro_tpr, _ = roc_curve(onehot.ravel(), probs.ravel())
+    grid = np.unique(np.concatenate([fpr for fpr, _ in curves]))
+    # np.interp on a curve with vertical jumps takes the upper tpr at the jump's fpr: fine on a grid
+    macro_tpr = np.mean([np.interp(grid, fpr, tpr) for fpr, tpr in curves], axis=0)
+    return {
+        "per_class": curves, "per_class_auc": aucs,
+        "micro": (micro_fpr, micro_tpr), "micro_auc": auc(micro_fpr, micro_tpr),
+        "macro": (grid, macro_tpr), "macro_auc": float(np.mean(aucs)),
+    }
+
+
+# --------------------------------------------------------------------- inputs
+
+def _meta_value(mat, key):
+    value = np.squeeze(mat[key])
+    if value.dtype.kind in "US":
+        return str(value)
+    return value.item() if value.size == 1 else value.tolist()
+
+
+def load_features(path, role):
+    """Features (float32, m x d), labels (int64, m) and metadata of one .mat, checked."""
+    import scipy.io as sio
+
+    if not os.path.isfile(path):
+        raise UserError(f"{role} features {path!r} not found; run `make features` first")
+    try:
+        mat = sio.loadmat(path)
+    except Exception as exc:   # scipy raises several types for a damaged or foreign file
+        raise UserError(f"cannot read {path!r} as a .mat file: {exc}") from None
+    missing = [k for k in ("features", "labels") if k not in mat]
+    if missing:
+        raise UserError(f"{path!r} lacks the key(s) {', '.join(missing)}; "
+                        "re-create it with `make features`")
+    features, labels = mat["features"], mat["labels"]
+    if features.ndim != 2:
+        raise UserError(f"{path!r}: features must be 2-D (m x d), got shape {features.shape}")
+    if not np.issubdtype(features.dtype, np.number):
+        raise UserError(f"{path!r}: features must be numeric, got {features.dtype}")
+    labels = labels.reshape(-1)
+    if labels.size != features.shape[0]:
+        raise UserError(f"{path!r}: {labels.size} labels for {features.shape[0]} feature rows")
+    if features.shape[0] == 0:
+        raise UserError(f"{path!r} holds no samples")
+    if not np.issubdtype(labels.dtype, np.number) or not np.all(np.isin(labels, np.arange(NUM_CLASSES))):
+        raise UserError(f"{path!r}: labels must be integers 0-{NUM_CLASSES - 1}")
+    # loadmat returns MATLAB's column-major layout; mini-batches need rows contiguous
+    features = np.ascontiguousarray(features, dtype=np.float32)
+    if not np.all(np.isfinite(features)):
+        raise UserError(f"{path!r}: features contain NaN or infinite values")
+    meta = {k: _meta_value(mat, k) for k in METADATA_KEYS if k in mat}
+    meta.setdefault("weights", "unknown")
+    return features, labels.astype(np.int64), meta
+
+
+def is_random_init(meta):
+    weights = str(meta.get("weights", "")).lower()
+    return meta.get("pretrained") == 0 or weights.startswith("random") or weights == "none"
+
+
+def load_pair(train_path, test_path):
+    X_tr, y_tr, meta_tr = load_features(train_path, "train")
+    X_te, y_te, meta_te = load_features(test_path, "test")
+    if X_tr.shape[1] != X_te.shape[1]:
+        raise UserError(f"train features have {X_tr.shape[1]} dimensions, test features "
+                        f"{X_te.shape[1]}; extract both with the same model")
+    if meta_tr["weights"] != meta_te["weights"]:
+        raise UserError(f"train features come from weights {meta_tr['weights']!r}, test features "
+                        f"from {meta_te['weights']!r}; run `make features` again")
+    return X_tr, y_tr, X_te, y_te, {"train": meta_tr, "test": meta_te}
+
+
+# --------------------------------------------------------------------- outputs
+
+def save_npz(path, result, y_te, provenance):
+    hist = result["history"]
+    d = result["theta"].shape[0] - 1
+    arrays = {
+        "theta": result["theta"],
+        "mean": result["mean"] if result["mean"] is not None else np.zeros(d),
+        "scale": result["scale"] if result["scale"] is not None else np.ones(d),
+        "train_loss": np.asarray(hist["train_loss"]), "val_acc": np.asarray(hist["val_acc"]),
+        "test_acc": np.asarray(hist["test_acc"]), "epoch_seconds": np.asarray(hist["seconds"]),
+        "test_probs": result["test_probs"], "test_labels": y_te,
+        "best_epoch": np.array(result["best_epoch"]), "epochs_run": np.array(result["epochs_run"]),
+        # JSON strings, so that np.load never needs allow_pickle
+        "config_json": np.array(json.dumps(result["config"])),
+        "provenance_json": np.array(json.dumps(provenance)),
+    }
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:   # a file object: savez adds no ".npz"
+        np.savez(f, **arrays)
+
+
+NPZ_KEYS = {"theta", "mean", "scale", "train_loss", "val_acc", "test_acc", "epoch_seconds", "test_probs",
+            "test_labels", "best_epoch", "epochs_run", "config_json", "provenance_json"}
+
+
+def load_npz(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path!r} not found; run `make logreg` first")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path!r}: {exc}; run `make logreg` again") from None
+    missing = sorted(NPZ_KEYS - set(data))
+    if missing:
+        raise UserError(f"{path!r} lacks {', '.join(missing)} (written by another version?); "
+                        "run `make logreg` again")
+    data["config"] = json.loads(str(data.pop("config_json")))
+    data["provenance"] = json.loads(str(data.pop("provenance_json")))
+    return data
+
+
+def metrics(result, y_te, roc, provenance, seconds):
+    meta = provenance["train"]
+    return {
+        "test_accuracy": float(np.mean(np.argmax(result["test_probs"], axis=1) == y_te)),
+        "auc": {"per_class": {str(k): v for k, v in enumerate(roc["per_class_auc"])},
+                "macro": roc["macro_auc"], "micro": roc["micro_auc"]},
+        "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
+        "seconds": {"train": seconds["train"], "total": seconds["total"]},
+        "weights": meta["weights"], "random_init_weights": is_random_init(meta),
+        "config": result["config"], "provenance": provenance, "versions": versions(),
+    }
+
+
+def title_suffix(provenance):
+    meta = provenance["train"]
+    if is_random_init(meta):
+        return "\nfeatures from RANDOM-INIT ResNet-50 weights (not pretrained)"
+    return f"\nResNet-50 weights: {meta['weights']}"
+
+
+def plot_all(data, figures_dir):
+    """The three figures, from what logreg.npz holds (no training)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ensure_writable_dir(figures_dir)
+    suffix = title_suffix(data["provenance"])
+    mode = "reference procedure" if data["config"]["reference"] else "default training"
+    paths = []
+
+    epochs = np.arange(1, len(data["test_acc"]) + 1)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.plot(epochs, data["test_acc"], marker=".", label="test accuracy")
+    if np.any(np.isfinite(data["val_acc"])):
+        ax.plot(epochs, data["val_acc"], marker=".", linestyle="--", label="validation accuracy")
+    best = int(data["best_epoch"])
+    if best != len(epochs):   # early stopping kept an earlier epoch's weights
+        ax.axvline(best, color="gray", linestyle=":", label=f"kept: epoch {best} (best validation)")
+    ax.set(xlabel="epoch", ylabel="accuracy", title=f"Logistic regression ({mode}){suffix}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(_save(fig, figures_dir, "logreg_test_accuracy.png"))
+
+    roc = multiclass_roc(data["test_labels"], data["test_probs"])
+    fig, ax = plt.subplots(figsize=(7, 6.2))
+    for k, (fpr, tpr) in enumerate(roc["per_class"]):
+        ax.plot(fpr, tpr, lw=1, label=f"class {k} (AUC {roc['per_class_auc'][k]:.4f})")
+    ax.plot(*roc["micro"], lw=2.5, color="black", linestyle=":", label=f"micro avg (AUC {roc['micro_auc']:.4f})")
+    ax.plot(*roc["macro"], lw=2.5, color="navy", linestyle="--", label=f"macro avg (AUC {roc['macro_auc']:.4f})")
+    ax.plot([0, 1], [0, 1], color="lightgray", lw=1, linestyle="--", label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
+           title=f"One-vs-rest ROC, MNIST test set{suffix}")
+    ax.legend(fontsize=8, loc="lower right")
+    paths.append(_save(fig, figures_dir, "roc.png"))
+
+    y_pred = np.argmax(data["test_probs"], axis=1)
+    cm = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+    np.add.at(cm, (data["test_labels"], y_pred), 1)
+    fig, ax = plt.subplots(figsize=(6.4, 5.8))
+    im = ax.imshow(cm, cmap="Blues")
+    for i in range(NUM_CLASSES):
+        for j in range(NUM_CLASSES):
+            ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted", ylabel="true",
+           title=f"Confusion matrix, accuracy {np.mean(y_pred == data['test_labels']):.4f}{suffix}")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    paths.append(_save(fig, figures_dir, "confusion_matrix.png"))
+    return paths
+
+
+def _save(fig, figures_dir, name):
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(figures_dir, name)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    fast, ref = DEFAULTS["fast"], DEFAULTS["reference"]
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train-mat", default="artifacts/mnist_train.mat", help="training features (.mat)")
+    p.add_argument("--test-mat", default="artifacts/mnist_test.mat", help="test features (.mat)")
+    p.add_argument("--out-dir", default="artifacts", help="where logreg.npz and logreg_metrics.json go")
+    p.add_argument("--figures-dir", default="figures", help="where the PNG figures go")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help=f"maximum epochs (default {fast['epochs']}; {ref['epochs']} with --reference)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"mini-batch size (default {fast['batch_size']}; {ref['batch_size']} with --reference)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help=f"learning rate, the peak of the cosine schedule (default {fast['lr']}; "
+                        f"constant {ref['lr']} with --reference)")
+    p.add_argument("--l2", type=nonnegative_float, default=None,
+                   help=f"L2 penalty on the weights, not the bias (default {fast['l2']}; {ref['l2']} with --reference)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training set held out for early stopping (ignored with --reference)")
+    p.add_argument("--patience", type=positive_int, default=6,
+                   help="stop after this many epochs without validation gain")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the split, shuffling and initialization")
+    p.add_argument("--reference", action="store_true",
+                   help="the assignment's procedure: raw features, theta ~ 0.001*randn, batch 64, "
+                        "lr 0.001, up to 1000 epochs, stop when theta moves < 1e-10 in an epoch")
+    p.add_argument("--plot-only", action="store_true",
+                   help="only re-render the figures from OUT/logreg.npz (no training)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if not 0 <= args.val_fraction < 1:
+        p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    npz_path = os.path.join(args.out_dir, "logreg.npz")
+    if args.plot_only:
+        for path in plot_all(load_npz(npz_path), args.figures_dir):
+            print(f"wrote {path}")
+        return
+
+    t0 = time.perf_counter()
+    X_tr, y_tr, X_te, y_te, provenance = load_pair(args.train_mat, args.test_mat)
+    for path in (args.out_dir, args.figures_dir):   # fail before training, create nothing yet
+        check_can_create(path)
+    weights = provenance["train"]["weights"]
+    if is_random_init(provenance["train"]):
+        print(f"WARNING: these features come from RANDOM-INIT ResNet-50 weights ({weights}), "
+              "not pretrained ones; accuracy and AUC say little about transfer learning")
+    print(f"train {X_tr.shape}, test {X_te.shape}, weights {weights}, "
+          f"{'reference procedure' if args.reference else 'default training'}")
+    t1 = time.perf_counter()
+    result = train(X_tr, get_one_hot(y_tr), X_te, get_one_hot(y_te), epochs=args.epochs,
+                   batch_size=args.batch_size, lr=args.lr, l2=args.l2, seed=args.seed,
+                   reference=args.reference, val_fraction=args.val_fraction, patience=args.patience,
+                   progress=not args.no_progress, copy=False)   # X_tr is not needed afterwards
+    t_train = time.perf_counter() - t1
+    roc = multiclass_roc(y_te, result["test_probs"])
+    ensure_writable_dir(args.out_dir)
+    save_npz(npz_path, result, y_te, provenance)
+    seconds = {"train": t_train, "total": time.perf_counter() - t0}
+    m = metrics(result, y_te, roc, provenance, seconds)
+    write_json(os.path.join(args.out_dir, "logreg_metrics.json"), m)
+    data = load_npz(npz_path)
+    for path in plot_all(data, args.figures_dir):
+        print(f"wrote {path}")
+    print(f"wrote {npz_path} and {os.path.join(args.out_dir, 'logreg_metrics.json')}")
+    print(f"test accuracy {m['test_accuracy']:.4f} (epoch {result['best_epoch']} of {result['epochs_run']} run), "
+          f"macro AUC {roc['macro_auc']:.5f}, micro AUC {roc['micro_auc']:.5f}, "
+          f"trained in {t_train:.1f} s, weights {weights}"
+          + ("  [RANDOM-INIT features]" if is_random_init(provenance["train"]) else ""))
+
+
+if __name__ == "__main__":
+    run_main(main)

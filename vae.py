@@ -1,0 +1,459 @@
+"""Train the assignment's variational autoencoder on MNIST and render its figures.
+
+The model, loss and defaults are the assignment's (784-400-z encoder, z-400-784
+decoder, summed BCE + closed-form KL, Adam 1e-3, batch 64, 15 epochs); the
+training loop is faster: each split is preloaded once as one float tensor,
+batches are slices of a per-epoch shuffled copy, the BCE is computed from the
+decoder's logits and the loss is read back once per epoch, not once per step.
+
+    python vae.py --data-root data --out-dir artifacts --figures-dir figures
+    python vae.py --plot-only --out-dir artifacts --figures-dir figures
+    python vae.py --limit 2000 --epochs 2            # a quick smoke run
+"""
+import math
+import os
+import time
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from labio import (ArgumentParser, UserError, atomic_path, ensure_writable_dir, load_mnist,
+                   positive_float, positive_int, resolve_device, run_main, seed_value, versions,
+                   write_json)
+
+IMAGE_PIXELS = 28 * 28
+HIDDEN = 400
+CHECKPOINT_NAME = "vae.pt"
+METRICS_NAME = "vae_metrics.json"
+CHECKPOINT_FORMAT = "vae.py checkpoint v1"
+FIGURE_NAMES = ("vae_loss.png", "vae_reconstructions.png", "vae_samples.png",
+                "vae_latent.png", "vae_interpolation.png")
+# Below this |logit| the continuous-Bernoulli normalizer uses its Taylor series
+# (the closed form is 0/0 at logit 0, i.e. lambda = 0.5).
+CB_TAYLOR_WINDOW = 1e-2
+
+
+# -------------------------------------------------------------------- model
+# Class, attribute and layer names are the assignment's, so that its
+# state_dicts load here and ours load there.
+
+class Encoder(nn.Module):
+    def __init__(self, z_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(IMAGE_PIXELS, HIDDEN)
+        self.fc2_mu = nn.Linear(HIDDEN, z_dim)
+        self.fc2_logvar = nn.Linear(HIDDEN, z_dim)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        return self.fc2_mu(h), self.fc2_logvar(h)
+
+
+class Decoder(nn.Module):
+    def __init__(self, z_dim):
+        super().__init__()
+        self.fc3 = nn.Linear(z_dim, HIDDEN)
+        self.fc4 = nn.Linear(HIDDEN, IMAGE_PIXELS)
+
+    def logits(self, z):
+        """Pre-sigmoid outputs: the loss is computed from these, for speed and stability."""
+        return self.fc4(F.relu(self.fc3(z)))
+
+    def forward(self, z):
+        return torch.sigmoid(self.logits(z))
+
+
+class VAE(nn.Module):
+    def __init__(self, z_dim=20):
+        super().__init__()
+        self.z_dim = z_dim
+        self.encoder = Encoder(z_dim)
+        self.decoder = Decoder(z_dim)
+
+    @staticmethod
+    def reparameterize(mu, logvar, generator=None):
+        """z = mu + std * eps with std = exp(0.5 logvar), eps ~ N(0, I)."""
+        std = torch.exp(0.5 * logvar)
+        if generator is None:
+            eps = torch.randn_like(std)
+        else:
+            eps = torch.randn(std.shape, generator=generator, device=std.device, dtype=std.dtype)
+        return mu + eps * std
+
+    def forward_logits(self, x, generator=None):
+        mu, logvar = self.encoder(x.view(-1, IMAGE_PIXELS))
+        z = self.reparameterize(mu, logvar, generator)
+        return self.decoder.logits(z), mu, logvar
+
+    def forward(self, x):
+        logits, mu, logvar = self.forward_logits(x)
+        return torch.sigmoid(logits), mu, logvar
+
+
+# --------------------------------------------------------------------- loss
+
+def kl_divergence(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, I)) in closed form, summed over the batch."""
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def loss_function(recon_x, x, mu, logvar):
+    """The assignment's loss: summed binary cross-entropy + KL divergence."""
+    bce = F.binary_cross_entropy(recon_x, x.view(-1, IMAGE_PIXELS), reduction="sum")
+    return bce + kl_divergence(mu, logvar)
+
+
+def cb_log_normalizer(logits):
+    """log C(lambda) of the continuous Bernoulli (Loaiza-Ganem & Cunningham, 2019), lambda = sigmoid(logits).
+
+    C(lambda) = 2 artanh(1 - 2 lambda) / (1 - 2 lambda), and with lambda = sigmoid(l),
+    1 - 2 lambda = -tanh(l / 2) and artanh(1 - 2 lambda) = -l / 2, so C = l / tanh(l / 2):
+    no log of a difference of probabilities, finite for any logit. At l = 0 (lambda = 0.5)
+    that is 0/0 with limit 2, so a small window uses the series
+    u / tanh(u) = 1 + u^2/3 - u^4/45 (u = l/2). The unused branch gets a harmless input
+    so that no NaN leaks into the gradient through torch.where.
+    """
+    small = logits.abs() < CB_TAYLOR_WINDOW
+    safe = torch.where(small, torch.ones_like(logits), logits)
+    exact = torch.log(safe / torch.tanh(0.5 * safe))
+    u2 = (0.5 * logits).pow(2)
+    series = math.log(2.0) + torch.log1p(u2 / 3 - u2.pow(2) / 45)
+    return torch.where(small, series, exact)
+
+
+def loss_from_logits(logits, x, mu, logvar, likelihood="bernoulli"):
+    """Same value as ``loss_function(sigmoid(logits), x, mu, logvar)``, computed stably.
+
+    ``continuous-bernoulli`` subtracts the summed log-normalizer, making the
+    reconstruction term a proper log-density of pixels in [0, 1].
+    """
+    x = x.view(-1, IMAGE_PIXELS)
+    nll = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+    if likelihood == "continuous-bernoulli":
+        nll = nll - cb_log_normalizer(logits).sum()
+    return nll + kl_divergence(mu, logvar)
+
+
+# --------------------------------------------------------------------- data
+
+def preload(dataset, limit=None):
+    """(N x 784 float pixels in [0, 1], N labels), bit-equal to ToTensor() per image.
+
+    ToTensor divides the uint8 image by 255 in float32; doing that once for the
+    whole split replaces 60000 PIL round trips per epoch.
+    """
+    images, labels = dataset.data, dataset.targets
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images.reshape(len(images), IMAGE_PIXELS).float().div_(255), labels.clone()
+
+
+# ----------------------------------------------------------------- training
+
+def make_optimizer(model, lr):
+    """Adam, fused into one kernel where this torch build supports it (CPU or CUDA)."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+
+
+@torch.no_grad()
+def evaluate(model, images, *, batch_size=1000, likelihood="bernoulli", seed=0):
+    """Per-sample loss over ``images``; its eps come from their own generator, so
+    evaluating never shifts the training run's random stream."""
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device, non_blocking=True)
+        logits, mu, logvar = model.forward_logits(x, generator)
+        total += loss_from_logits(logits, x, mu, logvar, likelihood)
+    model.train()
+    return total.item() / len(images)
+
+
+def train_vae(model, train_x, test_x=None, *, epochs=15, batch_size=64, lr=1e-3, seed=0,
+              likelihood="bernoulli", progress=True, log=print):
+    """Train ``model`` in place; return (train_losses, test_losses), one per epoch.
+
+    Each train loss is the epoch's summed loss divided by the number of training
+    images (the assignment divided by len(loader) * batch_size = 60032 instead).
+    The test loss (same normalization) is computed after every epoch when
+    ``test_x`` is given. A non-finite epoch loss stops training with a UserError.
+    """
+    from tqdm import tqdm
+
+    device = next(model.parameters()).device
+    optimizer = make_optimizer(model, lr)
+    shuffler = torch.Generator().manual_seed(seed)
+    train_x = train_x.to(device)
+    n = len(train_x)
+    steps = math.ceil(n / batch_size)
+    train_losses, test_losses = [], []
+    model.train()
+    for epoch in range(1, epochs + 1):
+        start = time.perf_counter()
+        shuffled = train_x[torch.randperm(n, generator=shuffler).to(device)]
+        # Summed on the device and read once per epoch: a per-step .item() would
+        # force a synchronization (on a GPU) and costs a little even on a CPU.
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
+                   disable=None if progress else True)
+        for step in range(steps):
+            x = shuffled[step * batch_size:(step + 1) * batch_size]
+            logits, mu, logvar = model.forward_logits(x)
+            loss = loss_from_logits(logits, x, mu, logvar, likelihood)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            if not bar.disable and (step + 1) % 50 == 0:
+                bar.update(50)
+                bar.set_postfix(loss=f"{total.item() / min(n, (step + 1) * batch_size):.2f}")
+        bar.close()
+        train_loss = total.item() / n
+        seconds = time.perf_counter() - start
+        if not math.isfinite(train_loss):
+            raise UserError(f"loss became non-finite at epoch {epoch} (lower --lr)")
+        train_losses.append(train_loss)
+        line = f"epoch {epoch:2d}/{epochs}  train loss {train_loss:8.3f}"
+        if test_x is not None:
+            test_losses.append(evaluate(model, test_x, likelihood=likelihood, seed=seed))
+            if not math.isfinite(test_losses[-1]):
+                raise UserError(f"loss became non-finite at epoch {epoch} (lower --lr)")
+            line += f"  test loss {test_losses[-1]:8.3f}"
+        if log is not None:
+            log(f"{line}  {seconds:5.2f} s")
+    return train_losses, test_losses
+
+
+# --------------------------------------------------------------- checkpoint
+
+def save_checkpoint(path, model, *, config, train_losses, test_losses, seconds):
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "config": config,
+        "train_loss": list(train_losses),
+        "test_loss": list(test_losses),
+        "seed": config["seed"],
+        "seconds": seconds,
+        "versions": versions(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path, z_dim=None):
+    """(VAE on the CPU, checkpoint dict); one-line UserError for anything unusable."""
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; run `make vae` first")
+    try:
+        with warnings.catch_warnings():  # a damaged file can make torch warn before it fails
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt_z = int(ckpt["config"]["z_dim"])
+        state = ckpt["model"]
+    except Exception as exc:
+        raise UserError(f"cannot read checkpoint {path}: corrupt or not written by vae.py "
+                        f"({type(exc).__name__}); rerun `make vae`") from None
+    if z_dim is not None and z_dim != ckpt_z:
+        raise UserError(f"checkpoint {path} has z_dim {ckpt_z}, but --z-dim {z_dim} was asked for "
+                        f"(drop --z-dim or retrain with `make vae`)")
+    model = VAE(ckpt_z)
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise UserError(f"checkpoint {path} does not fit a VAE with z_dim {ckpt_z} "
+                        f"({type(exc).__name__}); rerun `make vae`") from None
+    model.eval()
+    return model, ckpt
+
+
+# ------------------------------------------------------------------ figures
+
+def save_grid(images, path, nrow):
+    """Write images (N x 784 in [0, 1]) as one torchvision grid, atomically."""
+    from torchvision.utils import save_image
+
+    with atomic_path(path) as tmp:
+        save_image(images.view(-1, 1, 28, 28), tmp, nrow=nrow, padding=2, pad_value=1.0, format="png")
+
+
+def plot_loss(ckpt, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labio import save_figure
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    epochs = range(1, len(ckpt["train_loss"]) + 1)
+    ax.plot(epochs, ckpt["train_loss"], "o-", label="train")
+    if ckpt["test_loss"]:
+        ax.plot(epochs, ckpt["test_loss"], "s-", label="test")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss per image (BCE + KL, nats)")
+    ax.set_title(f"VAE, z_dim {ckpt['config']['z_dim']}, {ckpt['config']['likelihood']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def plot_latent(mu, labels, path):
+    """Test-set posterior means projected on their first two principal components."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from labio import save_figure
+
+    centered = mu - mu.mean(0)
+    if mu.shape[1] >= 2:
+        _, _, v = torch.linalg.svd(centered, full_matrices=False)
+        xy = centered @ v[:2].T
+        xlabel, ylabel = "PC 1", "PC 2"
+    else:  # one latent dimension: plot it against the digit
+        xy = torch.stack([centered[:, 0], labels.float()], 1)
+        xlabel, ylabel = "mu", "digit"
+    fig, ax = plt.subplots(figsize=(6, 5))
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=2, alpha=0.6)
+    fig.colorbar(points, ax=ax, ticks=range(10), label="digit")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"test-set mu, PCA of {mu.shape[1]}-D latent")
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def interpolation_pairs(labels, count=4):
+    """Indices of ``count`` test digits and, for each, the next one of another class."""
+    pairs = []
+    for i in range(len(labels) - 1):
+        later = (labels[i + 1:] != labels[i]).nonzero()
+        if len(later):
+            pairs.append((i, i + 1 + int(later[0])))
+        if len(pairs) == count:
+            break
+    return pairs
+
+
+@torch.no_grad()
+def render_figures(model, ckpt, test_x, test_y, figures_dir):
+    """All five figures from a trained model; nothing here trains or samples the data."""
+    ensure_writable_dir(figures_dir)
+    out = {name: os.path.join(figures_dir, name) for name in FIGURE_NAMES}
+    model = model.cpu().eval()
+    plot_loss(ckpt, out["vae_loss.png"])
+    mu, _ = model.encoder(test_x)
+    # Reconstructions from the posterior mean, so that re-rendering gives the same picture.
+    originals = test_x[:8]
+    save_grid(torch.cat([originals, model.decoder(mu[:8])]), out["vae_reconstructions.png"], nrow=8)
+    generator = torch.Generator().manual_seed(int(ckpt["seed"]))
+    z = torch.randn(64, model.z_dim, generator=generator)
+    save_grid(model.decoder(z), out["vae_samples.png"], nrow=8)
+    plot_latent(mu, test_y, out["vae_latent.png"])
+    steps = torch.linspace(0, 1, 10).unsqueeze(1)
+    rows = [model.decoder(mu[a] + steps * (mu[b] - mu[a])) for a, b in interpolation_pairs(test_y)]
+    if rows:
+        save_grid(torch.cat(rows), out["vae_interpolation.png"], nrow=10)
+    return list(out.values())
+
+
+# ---------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", default=None,
+                   help="torchvision MNIST root (DATA); None = 'data', or with --plot-only the checkpoint's")
+    p.add_argument("--out-dir", default="artifacts", help="where vae.pt and vae_metrics.json go (OUT)")
+    p.add_argument("--figures-dir", default="figures", help="where the five vae_*.png go (FIGURES)")
+    p.add_argument("--plot-only", action="store_true",
+                   help="re-render the figures from OUT/vae.pt without training")
+    p.add_argument("--epochs", type=positive_int, default=15, help="passes over the training set")
+    p.add_argument("--z-dim", type=positive_int, default=None,
+                   help="latent size; None = 20 when training, the checkpoint's with --plot-only")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per Adam step")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=seed_value, default=0, help="seeds the init, the shuffles, eps and the sample grid")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                   help="auto picks cuda, then mps, then cpu")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="use only the first N images of each split; None = all")
+    p.add_argument("--likelihood", choices=("bernoulli", "continuous-bernoulli"), default="bernoulli",
+                   help="bernoulli = the assignment's BCE; continuous-bernoulli adds its log-normalizer")
+    p.add_argument("--threads", type=positive_int, default=1,
+                   help="CPU threads; at batch 64 the matmuls are too small for more to help")
+    return p.parse_args(argv)
+
+
+def load_splits(data_root, limit):
+    train_x, _ = preload(load_mnist(data_root, train=True), limit)
+    test_x, test_y = preload(load_mnist(data_root, train=False), limit)
+    return train_x, test_x, test_y
+
+
+def plot_only(args):
+    model, ckpt = load_checkpoint(os.path.join(args.out_dir, CHECKPOINT_NAME), args.z_dim)
+    data_root = args.data_root or ckpt["config"].get("data_root") or "data"
+    limit = args.limit if args.limit is not None else ckpt["config"].get("limit")
+    test_x, test_y = preload(load_mnist(data_root, train=False), limit)
+    for path in render_figures(model, ckpt, test_x, test_y, args.figures_dir):
+        print(f"wrote {path}")
+
+
+def train(args):
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    ensure_writable_dir(args.out_dir)
+    ensure_writable_dir(args.figures_dir)
+    args.z_dim = args.z_dim or 20
+    args.data_root = args.data_root or "data"
+    train_x, test_x, test_y = load_splits(args.data_root, args.limit)
+    print(f"VAE z_dim {args.z_dim}, {len(train_x)} train / {len(test_x)} test images, "
+          f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, {args.likelihood}, "
+          f"{device}")
+    torch.manual_seed(args.seed)  # the init, then eps, as in the assignment
+    model = VAE(args.z_dim).to(device)
+    start = time.perf_counter()
+    train_losses, test_losses = train_vae(
+        model, train_x, test_x.to(device), epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, likelihood=args.likelihood)
+    seconds = time.perf_counter() - start
+    config = {k: v for k, v in vars(args).items() if k not in ("plot_only",)}
+    config.update(n_train=len(train_x), n_test=len(test_x), device=str(device))
+    checkpoint = os.path.join(args.out_dir, CHECKPOINT_NAME)
+    save_checkpoint(checkpoint, model, config=config, train_losses=train_losses,
+                    test_losses=test_losses, seconds=seconds)
+    print(f"wrote {checkpoint}")
+    metrics = os.path.join(args.out_dir, METRICS_NAME)
+    write_json(metrics, {"train_loss": train_losses[-1], "test_loss": test_losses[-1],
+                         "train_loss_per_epoch": train_losses, "test_loss_per_epoch": test_losses,
+                         "seconds": round(seconds, 3), "epochs": args.epochs, "z_dim": args.z_dim,
+                         "likelihood": args.likelihood,
+                         "n_train": len(train_x), "n_test": len(test_x), "seed": args.seed,
+                         "device": str(device), "versions": versions()})
+    print(f"wrote {metrics}")
+    _, ckpt = load_checkpoint(checkpoint)  # render from exactly what --plot-only will see
+    for path in render_figures(model, ckpt, test_x.cpu(), test_y, args.figures_dir):
+        print(f"wrote {path}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plot_only:
+        plot_only(args)
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    run_main(main)
