@@ -80,7 +80,7 @@ $(VAE_FIGS) &: $(OUT)/vae.pt
 test: $(SETUP) ## run the test suite (python test_all.py)
 	$(PYTHON) test_all.py
 
-bench: $(SETUP) ## speed ratios against reference implementations, measured in one run
+bench: $(FEATURES_MAT) $(SETUP) ## speed ratios against reference implementations, measured in one run
 	$(PYTHON) bench.py --data-root $(DATA) --out-dir $(OUT)
 
 clean: ## remove generated artifacts and figures (keeps .venv and data)

@@ -177,10 +177,13 @@ def test_batched_preprocessing_is_bit_equal_to_transforms(mnist_root):
         assert torch.equal(batch[i], transform(ds[i][0]))
 
 
-def test_folding_keeps_outputs(resnet_pth):
+def test_extractor_rewrites_keep_outputs(resnet_pth):
+    """BN folding and the small-map GEMMs change rounding only."""
     model = reference_model(resnet_pth)
     folded = ef.build_extractor(copy.deepcopy(model), torch.device("cpu"))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    gemms = [name for name, m in folded.named_modules() if hasattr(m, "nominal_flops")]
+    assert "layer4.2.conv2" in gemms and "layer1.0.conv2" not in gemms
     x = torch.randn(4, 3, 28, 28)
     with torch.inference_mode():
         model.fc = torch.nn.Identity()
@@ -195,6 +198,9 @@ def test_flop_count_matches_known_resnet50_cost():
     assert abs(ef.count_flops(model, 224) / 2 / 1e9 - 4.09) < 0.02
     model.fc = torch.nn.Identity()              # the extractor: 0.158 GFLOP at 28x28 (issue #2)
     assert abs(ef.count_flops(model, 28) / 1e9 - 0.158) < 0.001
+    ours = ef.build_extractor(copy.deepcopy(model), torch.device("cpu"))
+    assert ef.count_flops(ours, 28) == ef.count_flops(model, 28)      # nominal count unchanged
+    assert ef.count_flops(ours, 28, nominal=False) < 0.9 * ef.count_flops(ours, 28)
 
 
 # ------------------------------------------------------ features: contract
@@ -280,8 +286,10 @@ def test_image_size_resizes_on_the_fly(mnist_root):
     torch.manual_seed(0)
     from torchvision.models import resnet50
 
-    model = ef.build_extractor(resnet50(weights=None), torch.device("cpu"))
+    model = ef.build_extractor(resnet50(weights=None), torch.device("cpu"), image_size=56)
     assert ef.compute_features(model, images, torch.device("cpu"), image_size=56).shape == (2, 2048)
+    with pytest.raises(ValueError, match="built for"):     # a 56-pixel extractor refuses 28 pixels
+        ef.compute_features(model, images, torch.device("cpu"), image_size=28)
 
 
 # ------------------------------------------------------ features: failures
