@@ -40,10 +40,10 @@ def run_main(main):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None ones, whose help already says what they mean."""
+    """Shows defaults, except None (the help says what it means) and off switches."""
 
     def _get_help_string(self, action):
-        if action.default is None:
+        if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
 

@@ -698,7 +698,7 @@ def vae_data_root(tmp_path_factory):
 def vae_trained(vae_data_root, tmp_path_factory):
     """One CLI run (2 epochs) whose checkpoint the error tests reuse."""
     out = tmp_path_factory.mktemp("vae_out")
-    threads = torch.get_num_threads()  # main() sets 1 thread, as the CLI should; restore it
+    threads = torch.get_num_threads()  # main() may set --threads; restore it
     try:
         vae.main(["--data-root", vae_data_root, "--out-dir", str(out), "--figures-dir", str(out / "figs"),
                   "--epochs", "2", "--z-dim", "4", "--device", "cpu", "--seed", "3"])

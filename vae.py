@@ -389,8 +389,9 @@ def parse_args(argv=None):
                    help="use only the first N images of each split; None = all")
     p.add_argument("--likelihood", choices=("bernoulli", "continuous-bernoulli"), default="bernoulli",
                    help="bernoulli = the assignment's BCE; continuous-bernoulli adds its log-normalizer")
-    p.add_argument("--threads", type=positive_int, default=1,
-                   help="CPU threads; at batch 64 the matmuls are too small for more to help")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads; None = torch's default (all cores: on a quiet 2-core machine "
+                        "2 threads beat 1 by about 15%%, on a loaded one 1 thread is safer)")
     return p.parse_args(argv)
 
 
@@ -412,7 +413,8 @@ def plot_only(args):
 def train(args):
     device = resolve_device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+        if args.threads:
+            torch.set_num_threads(args.threads)
     ensure_writable_dir(args.out_dir)
     ensure_writable_dir(args.figures_dir)
     args.z_dim = args.z_dim or 20
