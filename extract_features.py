@@ -116,9 +116,21 @@ def fold_batchnorms(module):
     return module
 
 
+def probe(model, image_size, forward_hooks):
+    """One zero image through ``model`` with {module: forward hook} attached."""
+    import torch
+
+    handles = [m.register_forward_hook(h) for m, h in forward_hooks.items()]
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def conv_input_sizes(model, image_size):
     """The (h, w) that each Conv2d of ``model`` sees for one image_size^2 input."""
-    import torch
     import torch.nn as nn
 
     sizes = {}
@@ -128,14 +140,8 @@ def conv_input_sizes(model, image_size):
             sizes[name] = tuple(inp[0].shape[2:])     # returns None: the output is kept
         return hook
 
-    hooks = [m.register_forward_hook(record(name))
-             for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.inference_mode():
-            model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
+    probe(model, image_size, {m: record(name) for name, m in model.named_modules()
+                              if isinstance(m, nn.Conv2d)})
     return sizes
 
 
@@ -206,7 +212,6 @@ def count_flops(model, image_size, nominal=True):
     """Floating-point operations (2 x multiply-adds) of one image through the convs,
     linears and small-map GEMMs. ``nominal`` counts every conv tap, as the usual
     ResNet-50 figures do; otherwise only the arithmetic actually executed."""
-    import torch
     import torch.nn as nn
 
     total = [0]
@@ -219,14 +224,8 @@ def count_flops(model, image_size, nominal=True):
         else:
             total[0] += mod.nominal_flops if nominal else 2 * mod.matrix.numel()
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear)) or hasattr(m, "nominal_flops")]
-    try:
-        with torch.inference_mode():
-            model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
+    probe(model, image_size, {m: hook for m in model.modules()
+                              if isinstance(m, (nn.Conv2d, nn.Linear)) or hasattr(m, "nominal_flops")})
     return total[0]
 
 
