@@ -716,6 +716,17 @@ def vae_one_thread():
     torch.set_num_threads(threads)
 
 
+def test_vae_generate_samples_decodes_standard_normal_z():
+    torch.manual_seed(0)
+    model = vae.VAE(5)
+    samples = vae.generate_samples(model, 16, seed=7)
+    assert samples.shape == (16, 784) and samples.min() >= 0 and samples.max() <= 1
+    z = torch.randn(16, 5, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(samples, model.decoder(z))
+    assert not torch.equal(samples, vae.generate_samples(model, 16, seed=8))
+
+
 def vae_cli(*args):
     return run_cli("vae.py", *args, timeout=120)
 

@@ -346,6 +346,15 @@ def interpolation_pairs(labels, count=4):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def generate_samples(model, num_samples=64, seed=0):
+    """The assignment's generate_samples: decode z ~ N(0, I) into num_samples images (N x 784)."""
+    generator = torch.Generator().manual_seed(seed)
+    z = torch.randn(num_samples, model.z_dim, generator=generator)
+    return model.decoder(z.to(next(model.parameters()).device))
+
+
+@torch.no_grad()
 def render_figures(model, ckpt, test_x, test_y, figures_dir):
     """All five figures from a trained model; nothing here trains or samples the data."""
     ensure_writable_dir(figures_dir)
@@ -356,9 +365,7 @@ def render_figures(model, ckpt, test_x, test_y, figures_dir):
     # Reconstructions from the posterior mean, so that re-rendering gives the same picture.
     originals = test_x[:8]
     save_grid(torch.cat([originals, model.decoder(mu[:8])]), out["vae_reconstructions.png"], nrow=8)
-    generator = torch.Generator().manual_seed(int(ckpt["seed"]))
-    z = torch.randn(64, model.z_dim, generator=generator)
-    save_grid(model.decoder(z), out["vae_samples.png"], nrow=8)
+    save_grid(generate_samples(model, 64, seed=int(ckpt["seed"])), out["vae_samples.png"], nrow=8)
     plot_latent(mu, test_y, out["vae_latent.png"])
     steps = torch.linspace(0, 1, 10).unsqueeze(1)
     rows = [model.decoder(mu[a] + steps * (mu[b] - mu[a])) for a, b in interpolation_pairs(test_y)]
