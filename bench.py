@@ -159,31 +159,22 @@ def bench_logreg(train_mat, test_mat):
     result, ours_s, ours_acc = _ours(X, L, X_te, L_te, y_te)
     sk_s, sk_acc, sk_iter = _sklearn(X, y, X_te, y_te)
     speedup = sk_s / ours_s
-    rows = [{
-        "benchmark": "logreg default vs sklearn LogisticRegression(lbfgs), standardized",
-        "ours": f"{ours_s:.1f} s, acc {ours_acc:.4f}",
-        "reference": f"{sk_s:.1f} s, acc {sk_acc:.4f}",
-        "ratio": speedup,
-        "target": ">= 10x, acc >= sklearn - 0.002",
-        "ok": bool(speedup >= 10 and ours_acc >= sk_acc - 0.002),
-        "note": f"{data}; sklearn: {sk_iter} lbfgs iterations (max_iter={SKLEARN_MAX_ITER}); "
-                "both times include standardization, neither includes loading the .mat files",
-    }]
+    rows = [row("logreg default vs sklearn LogisticRegression(lbfgs), standardized",
+                f"{ours_s:.1f} s, acc {ours_acc:.4f}", f"{sk_s:.1f} s, acc {sk_acc:.4f}", speedup,
+                ">= 10x, acc >= sklearn - 0.002", speedup >= 10 and ours_acc >= sk_acc - 0.002,
+                f"{data}; sklearn: {sk_iter} lbfgs iterations (max_iter={SKLEARN_MAX_ITER}); "
+                "both times include standardization, neither includes loading the .mat files")]
 
     ref = logreg.train(X, L, X_te, L_te, reference=True, epochs=REFERENCE_EPOCHS, progress=True)
     ref_s = ref["history"]["seconds"][-1]
     ref_acc = ref["history"]["test_acc"][-1]
     reach_s = _time_to_reach(result, ref_acc)
     ratio = ref_s / reach_s if reach_s else float("nan")
-    rows.append({
-        "benchmark": f"logreg: time to the assignment loop's {REFERENCE_EPOCHS}-epoch test accuracy",
-        "ours": f"{reach_s:.2f} s" if reach_s else f"never reached {ref_acc:.4f}",
-        "reference": f"{ref_s:.0f} s, test acc {ref_acc:.4f} (--reference, {ref['epochs_run']} epochs)",
-        "ratio": ratio,
-        "target": ">= 25x",
-        "ok": bool(reach_s is not None and ratio >= 25),
-        "note": f"{data}; ours is the default training's wall clock up to its first epoch at that accuracy",
-    })
+    rows.append(row(f"logreg: time to the assignment loop's {REFERENCE_EPOCHS}-epoch test accuracy",
+                    f"{reach_s:.2f} s" if reach_s else f"never reached {ref_acc:.4f}",
+                    f"{ref_s:.0f} s, test acc {ref_acc:.4f} (--reference, {ref['epochs_run']} epochs)",
+                    ratio, ">= 25x", reach_s is not None and ratio >= 25,
+                    f"{data}; ours is the default training's wall clock up to its first epoch at that accuracy"))
     return rows
 
 
@@ -249,17 +240,14 @@ def bench_vae(data_root, epochs=2, seed=0):
     worst = max(abs(o - r) / r for o, r in zip(our_losses, ref_losses))
     fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
     return [
-        {"benchmark": f"VAE fp32 epoch vs assignment loop ({epochs} epochs each)",
-         "ours": f"{our_s:.2f} s/epoch", "reference": f"{ref_s:.2f} s/epoch",
-         "ratio": speedup, "target": ">= 2x", "ok": speedup >= 2.0,
-         "note": "assignment loop: DataLoader+ToTensor, 2 threads, per-step .item(); ours: preloaded "
-                 f"tensor, {threads} threads, fused Adam, BCE from logits, one .item() per epoch"},
-        {"benchmark": "VAE per-epoch loss, max relative gap to assignment loop",
-         "ours": fmt(our_losses), "reference": fmt(ref_losses),
-         "ratio": worst, "target": "<= 0.01 (relative)", "ok": worst <= 0.01,
-         "note": "loss per training image; the shuffles and eps draws differ, so agreement is statistical"},
+        row(f"VAE fp32 epoch vs assignment loop ({epochs} epochs each)", f"{our_s:.2f} s/epoch",
+            f"{ref_s:.2f} s/epoch", speedup, ">= 2x", speedup >= 2.0,
+            "assignment loop: DataLoader+ToTensor, 2 threads, per-step .item(); ours: preloaded "
+            f"tensor, {threads} threads, fused Adam, BCE from logits, one .item() per epoch"),
+        row("VAE per-epoch loss, max relative gap to assignment loop", fmt(our_losses), fmt(ref_losses),
+            worst, "<= 0.01 (relative)", worst <= 0.01,
+            "loss per training image; the shuffles and eps draws differ, so agreement is statistical"),
     ]
-
 
 SECTIONS = {
     "features": lambda args: bench_features(args.data_root),

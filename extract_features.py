@@ -13,6 +13,7 @@ time, with batch-norm folded into the convolutions and channels-last memory.
     python extract_features.py --data-root data --out-dir artifacts
     python extract_features.py --weights none --limit 1000     # random init, no download
 """
+import functools
 import os
 import time
 
@@ -129,15 +130,15 @@ def probe(model, image_size, forward_hooks):
             handle.remove()
 
 
-def conv_input_sizes(model, image_size):
-    """The (h, w) that each Conv2d of ``model`` sees for one image_size^2 input."""
+def conv_map_sizes(model, image_size):
+    """{name: ((h, w) in, (ho, wo) out)} of each Conv2d for one image_size^2 input."""
     import torch.nn as nn
 
     sizes = {}
 
     def record(name):
         def hook(mod, inp, out):
-            sizes[name] = tuple(inp[0].shape[2:])     # returns None: the output is kept
+            sizes[name] = (tuple(inp[0].shape[2:]), tuple(out.shape[2:]))   # returns None: output kept
         return hook
 
     probe(model, image_size, {m: record(name) for name, m in model.named_modules()
@@ -145,21 +146,24 @@ def conv_input_sizes(model, image_size):
     return sizes
 
 
-def small_map_conv(conv, h, w):
-    """An eval-mode conv that only ever sees h x w maps, as one GEMM over the
-    taps that touch real pixels (exact up to rounding).
-
-    At 28x28 input, layer3 and layer4 work on 2x2 and 1x1 maps where most taps
-    of a padded 3x3 conv read zeros: the dense matrix of the linear map
-    (h*w*Cin -> ho*wo*Cout, channels-last order) has 4/9 or 1/9 of the conv's
-    nominal multiply-adds.
-    """
+@functools.lru_cache(maxsize=None)
+def small_map_conv_class():
+    """The SmallMapConv module class, defined on first use so that torch loads lazily."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
 
     class SmallMapConv(nn.Module):
-        def __init__(self):
+        """An eval-mode conv that only ever sees h x w maps, as one GEMM over the
+        taps that touch real pixels (exact up to rounding).
+
+        At 28x28 input, layer3 and layer4 work on 2x2 and 1x1 maps where most taps
+        of a padded 3x3 conv read zeros: the dense matrix of the linear map
+        (h*w*Cin -> ho*wo*Cout, channels-last order) has 4/9 or 1/9 of the conv's
+        nominal multiply-adds.
+        """
+
+        def __init__(self, conv, h, w):
             super().__init__()
             cin, weight = conv.in_channels, conv.weight.detach()
             # Row k of the matrix is the conv's response to the k-th unit input.
@@ -179,20 +183,19 @@ def small_map_conv(conv, h, w):
             y = torch.addmm(self.bias, x.permute(0, 2, 3, 1).reshape(n, -1), self.matrix)
             return y.view(n, ho, wo, cout).permute(0, 3, 1, 2)
 
-    return SmallMapConv()
+    return SmallMapConv
 
 
 def convs_on_small_maps_as_gemms(model, image_size):
     """Replace each conv whose dense map matrix is cheaper than the conv itself."""
-    for name, (h, w) in conv_input_sizes(model, image_size).items():
+    SmallMapConv = small_map_conv_class()
+    for name, ((h, w), (ho, wo)) in conv_map_sizes(model, image_size).items():
         conv = model.get_submodule(name)
-        ho = (h + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
-        wo = (w + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
         dense = conv.in_channels * h * w * conv.out_channels * ho * wo
         nominal = conv.weight[0].numel() * conv.out_channels * ho * wo
         if dense < nominal:
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, small_map_conv(conv, h, w))
+            setattr(model.get_submodule(parent), attr, SmallMapConv(conv, h, w))
     return model
 
 
