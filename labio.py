@@ -18,6 +18,29 @@ class UserError(Exception):
     """A mistake the user can fix; printed as one line, without a traceback."""
 
 
+# What this run means to write (plan_outputs) and what atomic_path finished, in
+# order, so that an interrupt can say exactly which outputs are complete.
+_PLANNED = []
+_WRITTEN = []
+
+
+def plan_outputs(paths):
+    """Declare the files this run will write; an interrupt then names the missing ones."""
+    _PLANNED[:] = [os.path.abspath(p) for p in paths]
+    _WRITTEN.clear()
+
+
+def interrupt_message():
+    """'interrupted; ...' saying which outputs were completed and which were not written."""
+    done = list(_WRITTEN)
+    missing = [p for p in _PLANNED if p not in _WRITTEN]
+    rel = lambda paths: ", ".join(os.path.relpath(p) for p in paths)  # noqa: E731
+    parts = [f"completed: {rel(done)}" if done else "nothing was completed"]
+    if missing:
+        parts.append(f"not written: {rel(missing)}")
+    return "interrupted; " + "; ".join(parts) + "; no partial file was left behind"
+
+
 def run_main(main):
     """Run ``main()`` as a command: user errors become one line and exit 2.
 
@@ -35,7 +58,7 @@ def run_main(main):
         print(f"{prog}: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; no partial output was left behind", file=sys.stderr)
+        print(f"{prog}: {interrupt_message()}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -98,6 +121,7 @@ def atomic_path(path):
     try:
         yield tmp
         os.replace(tmp, path)
+        _WRITTEN.append(os.path.abspath(path))
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -110,28 +134,86 @@ def write_json(path, obj):
         f.write("\n")
 
 
-def save_figure(fig, path, **kwargs):
-    """Save a matplotlib figure atomically (format taken from ``path``)."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path, dpi=120, tight=True):
+    """Lay out, save atomically (format from ``path``'s extension) and close a figure."""
+    plt = pyplot()
     fmt = os.path.splitext(path)[1].lstrip(".") or "png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=fmt, **kwargs)
+    try:
+        if tight:
+            fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return path
 
 
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-               "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+# file name -> IDX magic number (0x0803: uint8 images N x 28 x 28; 0x0801: uint8 labels N)
+MNIST_FILES = {"train-images-idx3-ubyte": 2051, "train-labels-idx1-ubyte": 2049,
+               "t10k-images-idx3-ubyte": 2051, "t10k-labels-idx1-ubyte": 2049}
+
+
+def check_idx_file(path):
+    """None if ``path`` is a complete MNIST IDX file, else what is wrong with it."""
+    magic = MNIST_FILES[os.path.basename(path)]
+    dims = 3 if magic == 2051 else 1
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        header = f.read(4 + 4 * dims)
+    if len(header) < 4 + 4 * dims:
+        return f"{size} bytes, too short for an IDX header"
+    values = [int.from_bytes(header[i:i + 4], "big") for i in range(0, len(header), 4)]
+    if values[0] != magic:
+        return f"magic number {values[0]}, expected {magic}"
+    body = 1
+    for n in values[1:]:
+        body *= n
+    if size != len(header) + body:
+        return f"{size} bytes, expected {len(header) + body} for shape {tuple(values[1:])} (truncated?)"
+    return None
 
 
 def load_mnist(root, train):
-    """torchvision's MNIST split; downloads on a connected machine, else says how to go offline."""
+    """torchvision's MNIST split, read from ROOT/MNIST/raw or downloaded there.
+
+    A failure names its cause in one line: a damaged file (which one, and to
+    delete it), files in the wrong folder, or no network for the download.
+    """
     from torchvision import datasets
 
+    raw = os.path.join(root, "MNIST", "raw")
+    prefix = "train" if train else "t10k"
+    names = [n for n in MNIST_FILES if n.startswith(prefix)]
+    present = [n for n in names if os.path.isfile(os.path.join(raw, n))]
+    for name in present:
+        problem = check_idx_file(os.path.join(raw, name))
+        if problem:
+            raise UserError(f"MNIST file {os.path.join(raw, name)!r} is damaged ({problem}); "
+                            "delete it and run again (it is downloaded anew when online)")
+    if len(present) < len(names):
+        for other in (root, os.path.join(root, "raw"), os.path.join(root, "MNIST")):
+            if any(os.path.isfile(os.path.join(other, n)) for n in names):
+                raise UserError(f"MNIST files are in {other!r}, but torchvision reads them from "
+                                f"{raw!r}: move them there, or point DATA / --data-root at the "
+                                "folder that holds MNIST/raw")
     try:
-        return datasets.MNIST(root=root, train=train, download=True)
+        return datasets.MNIST(root=root, train=train, download=len(present) < len(names))
     except Exception as exc:  # urllib/HTTP/OSError/RuntimeError, depending on the mirror
+        if len(present) == len(names):
+            raise UserError(f"cannot read MNIST from {raw!r} ({type(exc).__name__}: {exc}); "
+                            "delete its files and run again") from None
         raise UserError(
-            f"MNIST is not under {os.path.join(root, 'MNIST', 'raw')!r} and could not be downloaded "
-            f"({type(exc).__name__}). Offline: copy the four uncompressed files "
-            f"({', '.join(MNIST_FILES)}) into DATA/MNIST/raw/ and pass DATA=... / --data-root") from None
+            f"MNIST is not under {raw!r} and could not be downloaded ({type(exc).__name__}: no "
+            f"network?). Offline: copy the four uncompressed files ({', '.join(MNIST_FILES)}) "
+            "into DATA/MNIST/raw/ and pass DATA=... / --data-root") from None
 
 
 def resolve_device(name):
@@ -152,17 +234,37 @@ def resolve_device(name):
 
 
 def versions():
-    """Library versions, recorded in every output for provenance."""
+    """Versions of the libraries this process has loaded, recorded in every output.
+
+    Only modules already imported are asked: importing torch just to read its
+    version would cost the numpy-only classifier about 2 s.
+    """
     import numpy
 
     out = {"python": platform.python_version(), "numpy": numpy.__version__}
-    for mod in ("torch", "torchvision", "scipy"):
-        if mod in sys.modules or mod != "torch":
-            try:
-                out[mod] = str(__import__(mod).__version__)   # TorchVersion is not plain str
-            except ImportError:
-                pass
+    for mod in ("scipy", "torch", "torchvision"):
+        if mod in sys.modules:
+            out[mod] = str(getattr(sys.modules[mod], "__version__", "unknown"))   # TorchVersion is not plain str
     return out
+
+
+def add_common_args(parser, *names, **overrides):
+    """The flags every script shares, defined once: data_root, device, seed, limit.
+
+    ``overrides`` maps a name to a dict of argparse keywords (e.g. another help).
+    """
+    common = {
+        "data_root": ("--data-root", dict(default="data", help="torchvision MNIST root (DATA)")),
+        "device": ("--device", dict(choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                                    help="auto picks cuda, then mps, then cpu")),
+        "seed": ("--seed", dict(type=seed_value, default=0, help="random seed")),
+        "limit": ("--limit", dict(type=positive_int, default=None,
+                                  help="use only the first N images of each split (default: all)")),
+    }
+    for name in names:
+        flag, kwargs = common[name]
+        parser.add_argument(flag, **{**kwargs, **overrides.get(name, {})})
+    return parser
 
 
 def _number(text, convert, ok, what):
