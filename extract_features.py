@@ -17,7 +17,7 @@ import functools
 import os
 import time
 
-from labio import (ArgumentParser, UserError, atomic_path, check_can_create, load_mnist,
+from labio import (ArgumentParser, UserError, atomic_path, check_can_create, load_mnist, plan_outputs,
                    positive_int, resolve_device, run_main, seed_value, versions)
 
 FEATURE_DIM = 2048
@@ -306,6 +306,7 @@ def main(argv=None):
     check_can_create(args.out_dir)              # fail before any heavy work, create nothing
     device = resolve_device(args.device)
     splits = ("train", "test") if args.split == "both" else (args.split,)
+    plan_outputs(os.path.join(args.out_dir, f"mnist_{s}.mat") for s in splits)
     datasets = {s: load_mnist(args.data_root, train=(s == "train")) for s in splits}
 
     import torch

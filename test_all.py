@@ -82,6 +82,50 @@ def leftovers(directory):
     return sorted(f for f in os.listdir(directory)) if os.path.isdir(directory) else []
 
 
+def snapshot(*directories):
+    """{path: (size, mtime_ns, bytes)} of every file (and directory) under ``directories``."""
+    state = {}
+    for top in map(str, directories):
+        for folder, dirs, files in os.walk(top):
+            state[folder] = "dir"
+            for name in files:
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    state[path] = (os.path.getsize(path), os.stat(path).st_mtime_ns, f.read())
+    return state
+
+
+def assert_rejected(proc, before, directories, *fragments):
+    """A bad input: one line on stderr, non-zero exit, no traceback, and no new or
+    changed file under ``directories`` (``before`` is their snapshot())."""
+    line = assert_user_error(proc, *fragments)
+    assert snapshot(*directories) == before, f"files changed after: {line}"
+    return line
+
+
+def interrupt_at(marker, code, args, sig=signal.SIGTERM, timeout=120):
+    """Run ``code`` (python -c, argv = args) until it prints ``marker`` on stdout,
+    then send ``sig``. Asserts that the marker was reached; returns (exit code, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reached, deadline = False, time.time() + timeout
+    try:
+        for line in proc.stdout:
+            if marker in line:
+                reached = True
+                break
+            if time.time() > deadline:
+                break
+        assert reached, f"the run never printed {marker!r}"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, err
+
+
 # ------------------------------------------------------------------ fixtures
 
 @pytest.fixture(scope="session")
@@ -360,7 +404,7 @@ def test_no_partial_file_when_save_fails(mnist_root, resnet_pth, tmp_path, monke
 
 
 def test_no_partial_file_when_killed(mnist_root, tmp_path):
-    """SIGTERM while the .mat is being written: exit, no file, no temp file."""
+    """SIGTERM while the .mat is being written: exit 130, the message, no file, no temp file."""
     code = ("import sys, time, scipy.io\n"
             "def slow(f, record, **kw):\n"
             "    f.write(b'x' * 1000); f.flush(); print('WRITING', flush=True); time.sleep(60)\n"
@@ -368,16 +412,10 @@ def test_no_partial_file_when_killed(mnist_root, tmp_path):
             "import extract_features, labio\n"
             "sys.argv = ['extract_features.py'] + sys.argv[1:]\n"
             "labio.run_main(extract_features.main)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, "--data-root", mnist_root, "--out-dir",
-                             str(tmp_path), "--weights", "none", "--split", "test", "--limit", "2"],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    for line in proc.stdout:
-        if "WRITING" in line or time.time() > deadline:
-            break
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and "Traceback" not in err
+    code_, err = interrupt_at("WRITING", code, ["--data-root", mnist_root, "--out-dir", tmp_path,
+                                                "--weights", "none", "--split", "test", "--limit", "2"])
+    assert code_ == 130 and "Traceback" not in err, err
+    assert "interrupted" in err and "nothing was completed" in err and "mnist_test.mat" in err, err
     assert leftovers(tmp_path) == []
 
 
