@@ -8,9 +8,10 @@ FIGURES  ?= figures## where the PNG figures go
 WEIGHTS  ?= IMAGENET1K_V1## ResNet-50 weights: IMAGENET1K_V1, IMAGENET1K_V2, none (random init) or a .pth path
 LIMIT    ?=## use only the first N images of each split (empty = all)
 DEVICE   ?= auto## auto, cpu, cuda or mps
+REPORT   ?= REPORT.md## where make report writes the one-page results report
 
 VENV      := .venv
-HELP_VARS := PYTHON DATA OUT FIGURES WEIGHTS LIMIT DEVICE BOOTSTRAP
+HELP_VARS := PYTHON DATA OUT FIGURES WEIGHTS LIMIT DEVICE REPORT BOOTSTRAP
 BOOTSTRAP ?= python3## the Python that creates .venv
 REQS      := requirements.txt requirements-dev.txt
 # Scripts depend on the venv only when it is the interpreter in use.
@@ -23,7 +24,15 @@ VAE_FIGS     := $(addprefix $(FIGURES)/,vae_loss.png vae_reconstructions.png vae
 
 .DELETE_ON_ERROR:
 .DEFAULT_GOAL := help
-.PHONY: help setup all features logreg vae figures test bench clean distclean FORCE
+.PHONY: help setup all features logreg vae figures report sweep test bench clean distclean FORCE
+
+# Settings that Make can check before anything runs: one line, and nothing is started.
+check_choice = $(if $(filter-out $(2),$($(1))),$(error $(1)=$($(1)) is not one of: $(2)))
+check_count  = $(if $(shell echo '$(strip $($(1)))' | grep -Ev '^[1-9][0-9]*$$'),$(error $(1)=$($(1)) is not a positive whole number))
+$(call check_choice,DEVICE,auto cpu cuda mps)
+$(if $(strip $(LIMIT)),$(call check_count,LIMIT))
+check_path   = $(if $(filter-out 1,$(words $($(1)))),$(error $(1)='$($(1))' must be one path, without spaces))
+$(foreach v,DATA OUT FIGURES REPORT,$(call check_path,$(v)))
 
 help: ## show this help
 	@echo "Usage: make TARGET [VAR=value ...]"
@@ -41,7 +50,7 @@ $(VENV)/.installed: $(REQS)
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements-dev.txt
 	touch $@
 
-all: features logreg vae figures ## the whole pipeline: features, classifier, VAE, figures
+all: features logreg vae figures report ## the whole pipeline: features, classifier, VAE, figures, report
 
 # Stamps that change only when a stage's settings change, so that e.g.
 # `make all WEIGHTS=none` after a pretrained run re-extracts, and nothing else does.
@@ -77,6 +86,16 @@ $(LOGREG_FIGS) &: $(OUT)/logreg.npz
 $(VAE_FIGS) &: $(OUT)/vae.pt
 	$(PYTHON) vae.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES) --data-root $(DATA)
 
+report: $(REPORT) ## one page with every result and figure, read from the saved artifacts
+
+# The sweeps' JSON files are shown when they exist; `make sweep` refreshes the report after them.
+$(REPORT): report.py labio.py $(FEATURES_MAT) $(OUT)/logreg.npz $(OUT)/vae.pt $(LOGREG_FIGS) $(VAE_FIGS) \
+           $(wildcard $(OUT)/sweep_logreg.json $(OUT)/sweep_vae.json) $(SETUP)
+	$(PYTHON) report.py --out-dir $(OUT) --figures-dir $(FIGURES) --report $@
+
+sweep: sweep-logreg sweep-vae ## both sweeps (batch size x lr, and z_dim), then the report
+	@$(MAKE) --no-print-directory report
+
 test: $(SETUP) ## run the test suite (python test_all.py)
 	$(PYTHON) test_all.py
 
@@ -84,7 +103,7 @@ bench: $(FEATURES_MAT) $(SETUP) ## speed ratios against reference implementation
 	$(PYTHON) bench.py --data-root $(DATA) --out-dir $(OUT)
 
 clean: ## remove generated artifacts and figures (keeps .venv and data)
-	rm -rf $(OUT) $(FIGURES)/*.png
+	rm -rf $(OUT) $(FIGURES)/*.png $(REPORT)
 
 distclean: clean ## also remove the venv
 	rm -rf $(VENV)

@@ -126,6 +126,131 @@ def interrupt_at(marker, code, args, sig=signal.SIGTERM, timeout=120):
     return proc.returncode, err
 
 
+# ------------------------------------------------------ Make and the report
+
+def run_make(*args, timeout=600):
+    """`make ARGS` in the project with this interpreter (no .venv is built)."""
+    return subprocess.run(["make", "--no-print-directory", f"PYTHON={sys.executable}", *map(str, args)],
+                          capture_output=True, text=True, cwd=HERE, timeout=timeout)
+
+
+def tiny_pipeline_args(data, top):
+    return [f"DATA={data}", "WEIGHTS=none", "LIMIT=40", "DEVICE=cpu", f"OUT={top}/out",
+            f"FIGURES={top}/figures", f"REPORT={top}/doc/REPORT.md"]
+
+
+def markdown_table(text, first_header):
+    """{first cell: [other cells]} of the Markdown table whose header starts with first_header."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_header} |"))
+    rows = {}
+    for ln in lines[start + 2:]:
+        if not ln.startswith("|"):
+            break
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """`make all` once on tiny MNIST (random-init weights): every artifact and the report."""
+    top = tmp_path_factory.mktemp("pipeline")
+    data = make_mnist(str(top / "data"), n_train=60, n_test=40, seed=5)
+    proc = run_make("all", *tiny_pipeline_args(data, top))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return top, data
+
+
+def test_report_numbers_equal_the_saved_results(tiny_pipeline):
+    top, _ = tiny_pipeline
+    report = (top / "doc" / "REPORT.md").read_text()
+    with open(top / "out" / "logreg_metrics.json") as f:
+        lr = json.load(f)
+    with open(top / "out" / "vae_metrics.json") as f:
+        vm = json.load(f)
+    fmt = lambda x, spec: "n/a" if x is None else format(x, spec)  # noqa: E731
+    assert "RANDOM-INIT" in report and "WARNING" in report
+    assert f"Test accuracy **{lr['test_accuracy']:.4f}**" in report
+    auc = markdown_table(report, "ROC")
+    for k, value in lr["auc"]["per_class"].items():
+        assert auc[f"class {k}"] == [fmt(value, ".5f")]
+    assert auc["micro average"] == [fmt(lr["auc"]["micro"], ".5f")]
+    assert auc["macro average"] == [fmt(lr["auc"]["macro"], ".5f")]
+    with np.load(top / "out" / "logreg.npz") as z:
+        test_acc = z["test_acc"]
+    accs = markdown_table(report, "classifier epoch")["test accuracy"]
+    assert accs == [f"{a:.4f}" for a in test_acc]
+    losses = markdown_table(report, "epoch")
+    for i, (train, test) in enumerate(zip(vm["train_loss_per_epoch"], vm["test_loss_per_epoch"])):
+        row = losses[str(i + 1)]
+        assert row[:2] == [f"{train:.2f}", f"{test:.2f}"]
+        if "test_recon_per_epoch" in vm:
+            assert row[2:4] == [f"{vm['test_recon_per_epoch'][i]:.2f}", f"{vm['test_kl_per_epoch'][i]:.2f}"]
+    stages = markdown_table(report, "stage")
+    mat = sio.loadmat(top / "out" / "mnist_train.mat", variable_names=["elapsed_seconds"])
+    assert stages["features, train"][1] == f"{mat['elapsed_seconds'].item():.1f}"
+    assert stages["VAE"][1] == f"{vm['seconds']:.1f}"
+    # every figure is embedded, and every link resolves from where the report is
+    links = [ln[ln.index("](") + 2:-1] for ln in report.splitlines() if ln.startswith("![")]
+    pngs = sorted(p.name for p in (top / "figures").glob("*.png"))
+    assert sorted(os.path.basename(p) for p in links) == pngs and pngs
+    assert all((top / "doc" / p).is_file() for p in links)
+
+
+def test_make_all_twice_does_no_work(tiny_pipeline):
+    top, data = tiny_pipeline
+    proc = run_make("all", *tiny_pipeline_args(data, top))
+    assert proc.returncode == 0 and sys.executable not in proc.stdout, proc.stdout
+
+
+def test_make_resumes_after_an_interrupt_without_redoing_completed_stages(tmp_path):
+    """Ctrl-C (SIGINT to make's process group) while the VAE trains; then `make all`
+    finishes the job, and the features and classifier are not redone."""
+    data = make_mnist(str(tmp_path / "data"), n_train=60, n_test=40, seed=5)
+    args = ["make", "--no-print-directory", f"PYTHON={sys.executable}", "all",
+            *tiny_pipeline_args(data, tmp_path)]
+    proc = subprocess.Popen(args, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    reached = False
+    try:
+        for line in proc.stdout:
+            if line.startswith("VAE z_dim"):   # vae.py's first line: training starts
+                reached = True
+                break
+        assert reached, "make never reached the VAE"
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode != 0
+    out = tmp_path / "out"
+    done = {p: os.stat(out / p).st_mtime_ns for p in ("mnist_train.mat", "mnist_test.mat", "logreg.npz")}
+    assert not (out / "vae.pt").exists() and not list(out.glob(".*.tmp"))
+    again = run_make("all", *tiny_pipeline_args(data, tmp_path))
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "extract_features.py" not in again.stdout and "logreg.py --train-mat" not in again.stdout
+    assert {p: os.stat(out / p).st_mtime_ns for p in done} == done
+    assert (out / "vae.pt").is_file() and (tmp_path / "doc" / "REPORT.md").is_file()
+
+
+@pytest.mark.parametrize("setting", ["DEVICE=gpu", "LIMIT=abc", "LIMIT=0", "LIMIT=-5", "OUT=a b",
+                                     "REPORT=", "FIGURES=x y"])
+def test_make_rejects_bad_settings_before_running_anything(setting, tmp_path):
+    name, _, value = setting.partition("=")
+    before = snapshot(HERE + "/artifacts") if os.path.isdir(HERE + "/artifacts") else {}
+    base = [f"OUT={tmp_path}/out", f"FIGURES={tmp_path}/fig", f"REPORT={tmp_path}/R.md"]
+    proc = run_make("all", *[a for a in base if not a.startswith(name + "=")], f"{name}={value}")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and name in lines[0], proc.stderr
+    assert leftovers(tmp_path) == [] and proc.stdout == ""
+    assert (snapshot(HERE + "/artifacts") if os.path.isdir(HERE + "/artifacts") else {}) == before
+
+
 # ------------------------------------------------------------------ fixtures
 
 @pytest.fixture(scope="session")
@@ -432,7 +557,7 @@ def test_real_mnist_features_random_init(tmp_path):
     assert np.array_equal(mat["labels"][0], datasets.MNIST(root, train=True).targets[:256].numpy())
 
 
-@pytest.mark.parametrize("script", ["extract_features.py", "logreg.py", "vae.py", "bench.py"])
+@pytest.mark.parametrize("script", ["extract_features.py", "logreg.py", "vae.py", "bench.py", "report.py"])
 def test_every_script_has_help(script):
     proc = run_cli(script, "--help")
     assert proc.returncode == 0 and "usage:" in proc.stdout and proc.stderr == ""
