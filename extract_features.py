@@ -13,12 +13,20 @@ time, with batch-norm folded into the convolutions and channels-last memory.
     python extract_features.py --data-root data --out-dir artifacts
     python extract_features.py --weights none --limit 1000     # random init, no download
 """
-import functools
 import os
 import time
 
-from labio import (ArgumentParser, UserError, atomic_path, check_can_create, load_mnist, plan_outputs,
-                   positive_int, resolve_device, run_main, seed_value, versions)
+import numpy as np
+import scipy.io as sio
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.models import ResNet50_Weights, resnet50
+from tqdm import tqdm
+
+from labio import (ArgumentParser, UserError, add_common_args, atomic_path, check_can_create, load_mnist,
+                   plan_outputs, positive_int, resolve_device, run_main, versions)
 
 FEATURE_DIM = 2048
 PREPROCESSING = "Grayscale(3) -> ToTensor -> Normalize(mean=0.5, std=0.5)"
@@ -30,8 +38,6 @@ NAMED_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2")
 def preprocess(images, image_size):
     """uint8 N x 28 x 28 -> float N x 3 x S x S, bit-equal to the per-image
     Grayscale(3) -> ToTensor -> Normalize(0.5, 0.5) chain (same ops, same order)."""
-    import torch.nn.functional as F
-
     x = images.unsqueeze(1).float().div_(255)   # ToTensor: uint8 -> [0, 1]
     x = x.sub_(0.5).div_(0.5)                   # Normalize(0.5, 0.5)
     if image_size != x.shape[-1]:
@@ -44,8 +50,6 @@ def preprocess(images, image_size):
 
 def weights_file_name(name):
     """File name torch.hub caches the named ImageNet weights under."""
-    from torchvision.models import ResNet50_Weights
-
     return os.path.basename(ResNet50_Weights[name].url)
 
 
@@ -55,9 +59,6 @@ def load_resnet50(spec, seed):
     ``spec``: IMAGENET1K_V1 / IMAGENET1K_V2 (torchvision weights API, downloaded
     into the torch hub cache), ``none`` (seeded random init) or a .pth state_dict.
     """
-    import torch
-    from torchvision.models import ResNet50_Weights, resnet50
-
     if spec in NAMED_WEIGHTS:
         try:
             return resnet50(weights=ResNet50_Weights[spec]), spec
@@ -84,7 +85,6 @@ def load_resnet50(spec, seed):
     if not isinstance(state, dict):
         raise UserError(f"weights file {spec!r} holds a {type(state).__name__}, not a state_dict")
     # The fc layer is dropped anyway, so a backbone-only state_dict is accepted.
-    missing, unexpected = [], []
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.startswith("fc.")]
     unexpected = [k for k in state if k not in expected]
@@ -103,9 +103,6 @@ def fold_batchnorms(module):
     In torchvision's ResNet each BatchNorm directly follows a conv in
     registration order (conv1/bn1, convK/bnK, downsample[0]/[1]).
     """
-    import torch.nn as nn
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
     previous_name, previous = None, None
     for name, child in list(module.named_children()):
         if isinstance(child, nn.BatchNorm2d) and isinstance(previous, nn.Conv2d):
@@ -119,8 +116,6 @@ def fold_batchnorms(module):
 
 def probe(model, image_size, forward_hooks):
     """One zero image through ``model`` with {module: forward hook} attached."""
-    import torch
-
     handles = [m.register_forward_hook(h) for m, h in forward_hooks.items()]
     try:
         with torch.inference_mode():
@@ -132,8 +127,6 @@ def probe(model, image_size, forward_hooks):
 
 def conv_map_sizes(model, image_size):
     """{name: ((h, w) in, (ho, wo) out)} of each Conv2d for one image_size^2 input."""
-    import torch.nn as nn
-
     sizes = {}
 
     def record(name):
@@ -146,49 +139,39 @@ def conv_map_sizes(model, image_size):
     return sizes
 
 
-@functools.lru_cache(maxsize=None)
-def small_map_conv_class():
-    """The SmallMapConv module class, defined on first use so that torch loads lazily."""
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
+class SmallMapConv(nn.Module):
+    """An eval-mode conv that only ever sees h x w maps, as one GEMM over the
+    taps that touch real pixels (exact up to rounding).
 
-    class SmallMapConv(nn.Module):
-        """An eval-mode conv that only ever sees h x w maps, as one GEMM over the
-        taps that touch real pixels (exact up to rounding).
+    At 28x28 input, layer3 and layer4 work on 2x2 and 1x1 maps where most taps
+    of a padded 3x3 conv read zeros: the dense matrix of the linear map
+    (h*w*Cin -> ho*wo*Cout, channels-last order) has 4/9 or 1/9 of the conv's
+    nominal multiply-adds.
+    """
 
-        At 28x28 input, layer3 and layer4 work on 2x2 and 1x1 maps where most taps
-        of a padded 3x3 conv read zeros: the dense matrix of the linear map
-        (h*w*Cin -> ho*wo*Cout, channels-last order) has 4/9 or 1/9 of the conv's
-        nominal multiply-adds.
-        """
+    def __init__(self, conv, h, w):
+        super().__init__()
+        cin, weight = conv.in_channels, conv.weight.detach()
+        # Row k of the matrix is the conv's response to the k-th unit input.
+        basis = torch.eye(cin * h * w, dtype=weight.dtype, device=weight.device)
+        basis = basis.reshape(-1, h, w, cin).permute(0, 3, 1, 2)
+        response = F.conv2d(basis, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        self.in_hw, self.out_chw = (h, w), tuple(response.shape[1:])
+        self.register_buffer("matrix", response.permute(0, 2, 3, 1).reshape(cin * h * w, -1).contiguous())
+        bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(conv.out_channels)
+        self.register_buffer("bias", bias.repeat(response.shape[2] * response.shape[3]))
+        self.nominal_flops = 2 * weight[0].numel() * response[0].numel()
 
-        def __init__(self, conv, h, w):
-            super().__init__()
-            cin, weight = conv.in_channels, conv.weight.detach()
-            # Row k of the matrix is the conv's response to the k-th unit input.
-            basis = torch.eye(cin * h * w, dtype=weight.dtype, device=weight.device)
-            basis = basis.reshape(-1, h, w, cin).permute(0, 3, 1, 2)
-            response = F.conv2d(basis, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-            self.in_hw, self.out_chw = (h, w), tuple(response.shape[1:])
-            self.register_buffer("matrix", response.permute(0, 2, 3, 1).reshape(cin * h * w, -1).contiguous())
-            bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(conv.out_channels)
-            self.register_buffer("bias", bias.repeat(response.shape[2] * response.shape[3]))
-            self.nominal_flops = 2 * weight[0].numel() * response[0].numel()
-
-        def forward(self, x):
-            if tuple(x.shape[2:]) != self.in_hw:
-                raise ValueError(f"SmallMapConv built for {self.in_hw} maps got {tuple(x.shape[2:])}")
-            n, (cout, ho, wo) = x.shape[0], self.out_chw
-            y = torch.addmm(self.bias, x.permute(0, 2, 3, 1).reshape(n, -1), self.matrix)
-            return y.view(n, ho, wo, cout).permute(0, 3, 1, 2)
-
-    return SmallMapConv
+    def forward(self, x):
+        if tuple(x.shape[2:]) != self.in_hw:
+            raise ValueError(f"SmallMapConv built for {self.in_hw} maps got {tuple(x.shape[2:])}")
+        n, (cout, ho, wo) = x.shape[0], self.out_chw
+        y = torch.addmm(self.bias, x.permute(0, 2, 3, 1).reshape(n, -1), self.matrix)
+        return y.view(n, ho, wo, cout).permute(0, 3, 1, 2)
 
 
 def convs_on_small_maps_as_gemms(model, image_size):
     """Replace each conv whose dense map matrix is cheaper than the conv itself."""
-    SmallMapConv = small_map_conv_class()
     for name, ((h, w), (ho, wo)) in conv_map_sizes(model, image_size).items():
         conv = model.get_submodule(name)
         dense = conv.in_channels * h * w * conv.out_channels * ho * wo
@@ -201,9 +184,6 @@ def convs_on_small_maps_as_gemms(model, image_size):
 
 def build_extractor(model, device, image_size=28):
     """ResNet-50 minus fc, BN folded, small-map convs as GEMMs, channels-last, for inference."""
-    import torch
-    import torch.nn as nn
-
     model.fc = nn.Identity()        # output = flattened 2048-d avgpool
     model.eval()
     fold_batchnorms(model)
@@ -215,8 +195,6 @@ def count_flops(model, image_size, nominal=True):
     """Floating-point operations (2 x multiply-adds) of one image through the convs,
     linears and small-map GEMMs. ``nominal`` counts every conv tap, as the usual
     ResNet-50 figures do; otherwise only the arithmetic actually executed."""
-    import torch.nn as nn
-
     total = [0]
 
     def hook(mod, inp, out):
@@ -237,8 +215,6 @@ def count_flops(model, image_size, nominal=True):
 def compute_features(model, images, device, batch_size=256, dtype="float32", image_size=28,
                      progress=None):
     """Features (float32 N x 2048) of uint8 images N x 28 x 28, in batches."""
-    import torch
-
     out = torch.empty(len(images), FEATURE_DIM, dtype=torch.float32)
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                               enabled=dtype == "bfloat16")
@@ -256,10 +232,6 @@ def extract(dataset, filename, model, device, *, batch_size=256, dtype="float32"
             image_size=28, limit=None, metadata=None, desc=None):
     """The assignment's ``extract(dataset, filename)``: features of a whole MNIST
     split saved to ``filename`` (.mat, written atomically). Returns (seconds, n)."""
-    import numpy as np
-    import scipy.io as sio
-    from tqdm import tqdm
-
     images, labels = dataset.data, dataset.targets
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
@@ -283,21 +255,19 @@ def extract(dataset, filename, model, device, *, batch_size=256, dtype="float32"
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default="data", help="torchvision MNIST root (DATA)")
+    add_common_args(p, "data_root")
     p.add_argument("--out-dir", default="artifacts", help="where mnist_{train,test}.mat go (OUT)")
     p.add_argument("--split", choices=("train", "test", "both"), default="both", help="which MNIST split(s)")
     p.add_argument("--weights", default="IMAGENET1K_V1",
                    help="IMAGENET1K_V1, IMAGENET1K_V2, none (random init) or a state_dict .pth")
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="use only the first N images of each split (default: all)")
+    add_common_args(p, "limit")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="auto picks cuda, then mps, then cpu")
+    add_common_args(p, "device")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16 autocast is opt-in: faster where the hardware has bf16 units")
     p.add_argument("--image-size", type=positive_int, default=28,
                    help="side of the network input; 28 as in the assignment, e.g. 224 resizes on the fly")
-    p.add_argument("--seed", type=seed_value, default=0, help="seed of the random init (--weights none)")
+    add_common_args(p, "seed", seed={"help": "seed of the random init (--weights none)"})
     return p.parse_args(argv)
 
 
@@ -308,8 +278,6 @@ def main(argv=None):
     splits = ("train", "test") if args.split == "both" else (args.split,)
     plan_outputs(os.path.join(args.out_dir, f"mnist_{s}.mat") for s in splits)
     datasets = {s: load_mnist(args.data_root, train=(s == "train")) for s in splits}
-
-    import torch
 
     model, provenance = load_resnet50(args.weights, args.seed)
     extractor = build_extractor(model, device, args.image_size)
