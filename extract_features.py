@@ -132,7 +132,8 @@ def load_resnet50(spec, seed):
     if spec in NAMED_WEIGHTS:
         return load_named_weights(spec), spec, "imagenet"
     if spec.lower() != "none" and not os.path.isfile(spec):
-        raise UserError(f"--weights {spec!r}: no such file (expected {', '.join(NAMED_WEIGHTS)}, "
+        what = "no such file" if os.sep in spec or spec.endswith(".pth") else "unknown weights name"
+        raise UserError(f"--weights {spec!r}: {what} (expected {', '.join(NAMED_WEIGHTS)}, "
                         f"none, or the path of a ResNet-50 state_dict .pth)")
     torch.manual_seed(seed)
     model = resnet50(weights=None)

@@ -446,7 +446,7 @@ def bad_input(case, tmp, mnist_root):
 
     data = ["--data-root", mnist_root]
     if case == "unknown weights name":
-        return [*data, "--weights", "IMAGENET1K_V3"], {}, ["no such file", "IMAGENET1K_V1"]
+        return [*data, "--weights", "IMAGENET1K_V3"], {}, ["unknown weights name", "IMAGENET1K_V1"]
     if case == "missing weights file":
         return [*data, "--weights", tmp / "nope.pth"], {}, ["no such file"]
     if case == "corrupt weights file":
@@ -467,6 +467,10 @@ def bad_input(case, tmp, mnist_root):
     if case == "no network for the weights":
         return [*data, "--weights", "IMAGENET1K_V1"], {**OFFLINE_ENV, "TORCH_HOME": str(tmp / "torch")}, \
             ["could not download", "no network?", "resnet50-0676ba61.pth", "WEIGHTS=none"]
+    if case == "hub cache dir under a file":  # neither network nor a damaged file: named as it is
+        (tmp / "blocker").write_text("x")
+        return [*data, "--weights", "IMAGENET1K_V1"], {"TORCH_HOME": str(tmp / "blocker" / "torch")}, \
+            ["could not get the IMAGENET1K_V1", "NotADirectoryError"]
     if case == "MNIST missing, no network":
         return ["--data-root", tmp / "empty", "--weights", "none"], OFFLINE_ENV, \
             ["MNIST/raw", "could not be downloaded", "no network?"]
@@ -502,18 +506,26 @@ def bad_input(case, tmp, mnist_root):
     if case == "plan with an unknown kind":
         sio.savemat(tmp / "plan.mat", {"conv_plan": "conv1=turbo"})
         return [*data, "--weights", "none", "--plan-from", tmp / "plan.mat"], {}, ["'conv1=turbo'", "KIND"]
-    if case == "plan that does not fit":    # gemm for a 7x7 conv
-        sio.savemat(tmp / "plan.mat", {"conv_plan": "conv1=gemm"})
+    if case == "plan naming other convs":
+        sio.savemat(tmp / "plan.mat", {"conv_plan": "conv1=onednn fc=gemm"})
         return [*data, "--weights", "none", "--plan-from", tmp / "plan.mat"], {}, ["does not name", "53 convs"]
+    if case == "plan that does not fit":    # a 1x1-conv GEMM for the 7x7 stem conv
+        from torchvision.models import resnet50
+
+        plan = {name: "aten" for name in fr.conv_roles(resnet50())}
+        sio.savemat(tmp / "plan.mat", {"conv_plan": fr.format_plan({**plan, "conv1": "gemm"})})
+        return [*data, "--weights", "none", "--plan-from", tmp / "plan.mat"], {}, \
+            ["conv1=gemm is not possible here"]
     flag, value = case.split(" ", 1)        # "--flag value"
     return [*data, "--weights", "none", flag, value], {}, [flag]
 
 
 BAD_INPUTS = ["unknown weights name", "missing weights file", "corrupt weights file", "weights of another model",
-              "weights not a dict", "corrupt hub cache file", "no network for the weights",
+              "weights not a dict", "corrupt hub cache file", "no network for the weights", "hub cache dir under a file",
               "MNIST missing, no network", "MNIST damaged file", "MNIST wrong layout", "out dir is a file",
               "out dir under a file", "cuda without a GPU", "plan file missing", "plan file not a .mat",
-              "plan file without a plan", "plan with an unknown kind", "plan that does not fit",
+              "plan file without a plan", "plan with an unknown kind", "plan naming other convs",
+              "plan that does not fit",
               "--limit 0", "--batch-size -3", "--image-size abc", "--dtype float16", "--seed -1",
               "--device tpu", "--split val"]
 
