@@ -139,7 +139,6 @@ def bench_features(data_root, n_loop=300, n_batched=4096, batch_size=256):
 
     from torchvision.models import resnet50
 
-    peak = machine()["fp32_peak"]
     images, source = mnist_images(data_root, max(n_loop, n_batched))
     torch.manual_seed(0)
     plain = resnet50(weights=None).eval()    # speed does not depend on the weight values
@@ -150,6 +149,9 @@ def bench_features(data_root, n_loop=300, n_batched=4096, batch_size=256):
     flops = fr.count_flops(ours, 28)
     loop = per_image_loop(plain, images[:n_loop])
     fp32, f32 = batched_rate(ours, images[:n_batched], batch_size)
+    # The peak again right after, and the higher one: a burst of other work
+    # during the first measurement must not flatter the ratio.
+    peak = max(machine()["fp32_peak"], matmul_peak_gflops())
     plain_cut = copy.deepcopy(plain)
     plain_cut.fc = torch.nn.Identity()
     plain_rate, _ = batched_rate(plain_cut, images[:n_batched], batch_size)
@@ -163,7 +165,7 @@ def bench_features(data_root, n_loop=300, n_batched=4096, batch_size=256):
     rows = [
         row("features fp32 GFLOP/s vs fp32 matmul peak", f"{achieved:.0f} GFLOP/s", f"{peak:.0f} GFLOP/s",
             achieved / peak, ">= 0.8", achieved / peak >= 0.8,
-            f"{note}; ResNet-50's nominal {flops / 1e9:.3f} GFLOP/image at {fp32:.0f} img/s; small-map GEMMs "
+            f"{note}; peak: the higher of the start's and one right after this timing; ResNet-50's nominal {flops / 1e9:.3f} GFLOP/image at {fp32:.0f} img/s; small-map GEMMs "
             f"skip zero-padding taps ({fr.count_flops(ours, 28, nominal=False) / 1e9:.3f} GFLOP/image executed)"),
     ]
     if source == "real MNIST":

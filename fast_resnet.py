@@ -8,8 +8,9 @@ is cached, so another machine makes its own choice):
 
 - ``onednn``: oneDNN with its weights packed once, ReLU and the residual add
   fused into the convolution (CPU builds with oneDNN only);
-- ``aten``: torch's own ``conv2d`` (oneDNN repacking its weights on every
-  call, cuDNN, ...), then ReLU and the residual add as separate passes;
+- ``aten``: torch's own ``conv2d`` (cuDNN, ...), then ReLU and the residual
+  add as separate passes; only where ``onednn`` is not available, since on the
+  CPU it runs the same oneDNN kernels, repacking the weights on every call;
 - ``gemm``: a 1x1 convolution as one matrix product over channels-last rows
   (stride 2 as slicing): in that layout it is exactly a GEMM;
 - ``smallmap``: a convolution on a map so small (2x2, 1x1 at 28x28 input) that
