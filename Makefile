@@ -8,10 +8,11 @@ FIGURES  ?= figures## where the PNG figures go
 WEIGHTS  ?= IMAGENET1K_V1## ResNet-50 weights: IMAGENET1K_V1, IMAGENET1K_V2, none (random init) or a .pth path
 LIMIT    ?=## use only the first N images of each split (empty = all)
 DEVICE   ?= auto## auto, cpu, cuda or mps
+DTYPE    ?= float32## features in float32, or bfloat16 (opt-in: faster only with bf16 units)
 REPORT   ?= REPORT.md## where make report writes the one-page results report
 
 VENV      := .venv
-HELP_VARS := PYTHON DATA OUT FIGURES WEIGHTS LIMIT DEVICE REPORT BOOTSTRAP
+HELP_VARS := PYTHON DATA OUT FIGURES WEIGHTS LIMIT DEVICE DTYPE REPORT BOOTSTRAP
 BOOTSTRAP ?= python3## the Python that creates .venv
 REQS      := requirements.txt requirements-dev.txt
 # Scripts depend on the venv only when it is the interpreter in use.
@@ -30,6 +31,7 @@ VAE_FIGS     := $(addprefix $(FIGURES)/,vae_loss.png vae_reconstructions.png vae
 check_choice = $(if $(filter-out $(2),$($(1))),$(error $(1)=$($(1)) is not one of: $(2)))
 check_count  = $(if $(shell echo '$(strip $($(1)))' | grep -Ev '^[1-9][0-9]*$$'),$(error $(1)=$($(1)) is not a positive whole number))
 $(call check_choice,DEVICE,auto cpu cuda mps)
+$(call check_choice,DTYPE,float32 bfloat16)
 $(if $(strip $(LIMIT)),$(call check_count,LIMIT))
 check_path   = $(if $(filter-out 1,$(words $($(1)))),$(error $(1)='$($(1))' must be one path, without spaces))
 $(foreach v,DATA OUT FIGURES REPORT,$(call check_path,$(v)))
@@ -54,7 +56,7 @@ all: features logreg vae figures report ## the whole pipeline: features, classif
 
 # Stamps that change only when a stage's settings change, so that e.g.
 # `make all WEIGHTS=none` after a pretrained run re-extracts, and nothing else does.
-$(OUT)/.features.args: STAMP = $(DATA) $(WEIGHTS) $(LIMIT) $(DEVICE)
+$(OUT)/.features.args: STAMP = $(DATA) $(WEIGHTS) $(LIMIT) $(DEVICE) $(DTYPE)
 $(OUT)/.vae.args: STAMP = $(DATA) $(LIMIT) $(DEVICE)
 $(OUT)/.%.args: FORCE
 	@mkdir -p $(@D)
@@ -62,9 +64,19 @@ $(OUT)/.%.args: FORCE
 
 features: $(FEATURES_MAT) ## ResNet-50 avgpool features of MNIST train and test
 
-$(FEATURES_MAT) &: extract_features.py labio.py $(OUT)/.features.args $(SETUP)
-	$(PYTHON) extract_features.py --split both --data-root $(DATA) --out-dir $(OUT) \
-	  --weights $(WEIGHTS) --device $(DEVICE) $(LIMIT_ARG)
+# One process per split, so that an interrupted run keeps the split it completed
+# and the next `make features` extracts only the other one. The test split runs
+# each conv as the train split's run chose to (the conv_plan in its .mat): both
+# splits come from the same arithmetic, and it does not time the choice again.
+EXTRACT_FEATURES = $(PYTHON) extract_features.py --data-root $(DATA) --out-dir $(OUT) \
+  --weights $(WEIGHTS) --device $(DEVICE) --dtype $(DTYPE) $(LIMIT_ARG)
+FEATURES_DEPS    := extract_features.py fast_resnet.py labio.py $(OUT)/.features.args $(SETUP)
+
+$(OUT)/mnist_train.mat: $(FEATURES_DEPS)
+	$(EXTRACT_FEATURES) --split train
+
+$(OUT)/mnist_test.mat: $(OUT)/mnist_train.mat $(FEATURES_DEPS)
+	$(EXTRACT_FEATURES) --split test --plan-from $(OUT)/mnist_train.mat
 
 logreg: $(OUT)/logreg.npz ## logistic regression + ROC on the features (and its figures)
 

@@ -8,17 +8,21 @@ The logreg section needs the full features (`make features`; random-init
 weights are fine for speed); the VAE section needs the real MNIST.
 """
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
 import numpy as np
+import scipy.io as sio
 import torch
 
 import extract_features as ef
+import fast_resnet as fr
 import logreg
 import vae
-from labio import ArgumentParser, run_main
+from labio import ArgumentParser, UserError, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,6 +37,48 @@ def row(benchmark, ours, reference, ratio, target, ok, note=""):
             "target": target, "ok": bool(ok), "note": note}
 
 
+# ----------------------------------------------------------------- machine
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+_MACHINE = {}
+
+
+def matmul_peak_gflops(dtype=torch.float32, n=4096, repeats=5):
+    """The machine's matmul peak right now: the best of a few large torch.mm."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def machine():
+    """What this run measures on, found once per run: CPU, ISA flags, threads, load
+    and the fp32 / bf16 matmul peaks (every section can compare with them)."""
+    if not _MACHINE:
+        cpu, flags = fr.cpu_model_and_flags()
+        _MACHINE.update(cpu=cpu, isa={f: f in flags for f in ISA_FLAGS}, bf16_units=bool(
+            flags & {"avx512_bf16", "amx_bf16"}), threads=torch.get_num_threads(), cpus=os.cpu_count(),
+            load=os.getloadavg()[0], fp32_peak=matmul_peak_gflops(torch.float32),
+            bf16_peak=matmul_peak_gflops(torch.bfloat16))
+    return _MACHINE
+
+
+def machine_lines():
+    m = machine()
+    return [f"machine: {m['cpu']}, {m['cpus']} CPUs; torch {torch.__version__} with {m['threads']} threads",
+            "ISA: " + ", ".join(f"{f} {'yes' if ok else 'no'}" for f, ok in m["isa"].items())
+            + ("" if m["bf16_units"] else " (no bf16 units: bf16 is emulated, slower than fp32)"),
+            f"matmul peak now (best of 5 4096^2 torch.mm): fp32 {m['fp32_peak']:.0f} GFLOP/s, "
+            f"bf16 {m['bf16_peak']:.0f} GFLOP/s ({m['bf16_peak'] / m['fp32_peak']:.2f}x fp32)",
+            f"load average at start: {m['load']:.2f} on {m['cpus']} CPUs (other work slows every row)"]
+
+
+# ---------------------------------------------------------------- features
+
 def mnist_images(data_root, n):
     """The first n real MNIST test images, or random digits-shaped noise without them
     (speed does not depend on pixel values)."""
@@ -43,18 +89,6 @@ def mnist_images(data_root, n):
     except RuntimeError:
         gen = torch.Generator().manual_seed(0)
         return torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=gen), "random pixels"
-
-
-def matmul_peak_gflops(n=4096, repeats=5):
-    """The machine's fp32 matmul peak right now: the best of a few large torch.mm."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
-    return best
 
 
 def per_image_loop(model, images):
@@ -72,15 +106,35 @@ def per_image_loop(model, images):
     return len(images) / (time.perf_counter() - start)
 
 
-def batched_rate(model, images, dtype):
-    device = torch.device("cpu")
-    ef.compute_features(model, images[:256], device, dtype=dtype)          # warm-up
-    start = time.perf_counter()
-    ef.compute_features(model, images, device, dtype=dtype)
-    return len(images) / (time.perf_counter() - start)
+def batched_rate(model, images, batch_size=256, autocast=False, repeats=2):
+    """img/s of compute_features: the best of ``repeats`` passes after a warm-up batch."""
+    cpu = torch.device("cpu")
+    best = float("inf")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ef.compute_features(model, images[:batch_size], cpu, batch_size)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            features = ef.compute_features(model, images, cpu, batch_size)
+            best = min(best, time.perf_counter() - start)
+    return len(images) / best, features
 
 
-def bench_features(data_root, n_loop=300, n_batched=4096):
+def whole_process(data_root):
+    """`extract_features.py --split train --weights none` as a user runs it, start
+    (interpreter launch) to finish (.mat written): (img/s, seconds, n, its stdout)."""
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "extract_features.py"), "--split", "train",
+                               "--weights", "none", "--device", "cpu", "--data-root", data_root,
+                               "--out-dir", out], capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if proc.returncode:
+            raise UserError(f"extract_features.py failed: {proc.stderr.strip().splitlines()[-1]}")
+        n = sio.loadmat(os.path.join(out, "mnist_train.mat"), variable_names=["labels"])["labels"].size
+    return n / seconds, seconds, n, proc.stdout
+
+
+def bench_features(data_root, n_loop=300, n_batched=4096, batch_size=256):
     import copy
 
     from torchvision.models import resnet50
@@ -88,29 +142,58 @@ def bench_features(data_root, n_loop=300, n_batched=4096):
     images, source = mnist_images(data_root, max(n_loop, n_batched))
     torch.manual_seed(0)
     plain = resnet50(weights=None).eval()    # speed does not depend on the weight values
-    ours = ef.build_extractor(copy.deepcopy(plain), torch.device("cpu"), 28)
-    flops = ef.count_flops(ours, 28)
-    peak = matmul_peak_gflops()
+    cpu = torch.device("cpu")
+    start = time.perf_counter()
+    ours = fr.build_extractor(copy.deepcopy(plain), cpu, 28, batch_size)
+    build_s = time.perf_counter() - start
+    flops = fr.count_flops(ours, 28)
     loop = per_image_loop(plain, images[:n_loop])
-    fp32 = batched_rate(ours, images[:n_batched], "float32")
+    fp32, f32 = batched_rate(ours, images[:n_batched], batch_size)
+    # The peak again right after, and the higher one: a burst of other work
+    # during the first measurement must not flatter the ratio.
+    peak = max(machine()["fp32_peak"], matmul_peak_gflops())
     plain_cut = copy.deepcopy(plain)
     plain_cut.fc = torch.nn.Identity()
-    plain_rate = batched_rate(plain_cut, images[:n_batched], "float32")
-    bf16 = batched_rate(ours, images[:n_batched // 4], "bfloat16")
+    plain_rate, _ = batched_rate(plain_cut, images[:n_batched], batch_size)
+    autocast_rate, _ = batched_rate(plain_cut, images[:n_batched // 4], batch_size, autocast=True)
+    ours_bf16 = fr.build_extractor(copy.deepcopy(plain), cpu, 28, batch_size, dtype=torch.bfloat16)
+    bf16, fb16 = batched_rate(ours_bf16, images[:n_batched], batch_size)
+    gap = float((fb16 - f32).norm() / f32.norm())
     achieved = fp32 * flops / 1e9
-    note = f"ResNet-50 random init, 28x28, {source}, {torch.get_num_threads()} threads"
-    return [
-        row("features fp32 vs assignment per-image loop", f"{fp32:.0f} img/s", f"{loop:.0f} img/s",
-            fp32 / loop, ">= 10x", fp32 / loop >= 10, f"{note}; loop over {n_loop} images"),
-        row("features fp32 vs plain batched torchvision", f"{fp32:.0f} img/s", f"{plain_rate:.0f} img/s",
-            fp32 / plain_rate, "(info)", True, "plain: same batches, no BN folding, NCHW, convs as convs"),
-        row("features fp32 GFLOP/s vs fp32 matmul peak", f"{achieved:.0f} GFLOP/s",
-            f"{peak:.0f} GFLOP/s (4096^2 torch.mm)", achieved / peak, ">= 0.8", achieved / peak >= 0.8,
-            f"ResNet-50's nominal {flops / 1e9:.3f} GFLOP/image; the small-map GEMMs skip zero-padding "
-            f"taps, so {ef.count_flops(ours, 28, nominal=False) / 1e9:.3f} GFLOP/image are executed"),
-        row("features bf16 vs fp32 (opt-in --dtype bfloat16)", f"{bf16:.0f} img/s", f"{fp32:.0f} img/s",
-            bf16 / fp32, ">= 1.6x", bf16 / fp32 >= 1.6, "needs bf16 hardware units (AVX512-BF16/AMX, GPUs)"),
+    note = (f"ResNet-50 random init, 28x28, {source}, batch {batch_size}, {torch.get_num_threads()} threads; "
+            f"convs as {fr.plan_summary(ours.plan)} (chosen by timing in {build_s:.1f} s)")
+    rows = [
+        row("features fp32 GFLOP/s vs fp32 matmul peak", f"{achieved:.0f} GFLOP/s", f"{peak:.0f} GFLOP/s",
+            achieved / peak, ">= 0.8", achieved / peak >= 0.8,
+            f"{note}; peak: the higher of the start's and one right after this timing; ResNet-50's nominal {flops / 1e9:.3f} GFLOP/image at {fp32:.0f} img/s; small-map GEMMs "
+            f"skip zero-padding taps ({fr.count_flops(ours, 28, nominal=False) / 1e9:.3f} GFLOP/image executed)"),
     ]
+    if source == "real MNIST":
+        rate, seconds, n, stdout = whole_process(data_root)
+        plan = next((ln for ln in stdout.splitlines() if ln.startswith("convs as:")), "")
+        rows.append(row("features fp32 whole process (train split) vs assignment per-image loop",
+                        f"{rate:.0f} img/s ({n} in {seconds:.1f} s)", f"{loop:.0f} img/s", rate / loop, ">= 10x",
+                        rate / loop >= 10, f"python extract_features.py --split train --weights none, start to "
+                        f"finish (imports, MNIST, build, timing the convs, write); its {plan}; "
+                        f"loop over {n_loop} images"))
+    else:
+        rows.append(row("features fp32 whole process (train split) vs assignment per-image loop", "not run",
+                        f"{loop:.0f} img/s", float("nan"), ">= 10x", False, "needs the real MNIST (--data-root)"))
+    bf16_units = machine()["bf16_units"]
+    rows += [
+        row("features fp32 in-process vs assignment per-image loop", f"{fp32:.0f} img/s", f"{loop:.0f} img/s",
+            fp32 / loop, "(info)", True, f"extractor built before timing; loop over {n_loop} images"),
+        row("features fp32 vs plain batched torchvision", f"{fp32:.0f} img/s", f"{plain_rate:.0f} img/s",
+            fp32 / plain_rate, "(info)", True, "plain: same batches, no BN folding, NCHW weights, aten convs"),
+        row("features bf16 (model in bf16) vs fp32", f"{bf16:.0f} img/s, gap {gap:.2%}", f"{fp32:.0f} img/s",
+            bf16 / fp32, ">= 2.5x, gap <= 2%" if bf16_units else "(info: no bf16 units)",
+            bf16 / fp32 >= 2.5 and gap <= 0.02 if bf16_units else True,
+            f"--dtype bfloat16: weights and activations in bf16, convs as {fr.plan_summary(ours_bf16.plan)}; "
+            "gap = |f_bf16 - f_fp32| / |f_fp32| over the batch"),
+        row("plain torchvision: bf16 autocast vs fp32", f"{autocast_rate:.0f} img/s", f"{plain_rate:.0f} img/s",
+            autocast_rate / plain_rate, "(info)", True, "autocast instead of a bf16 model, for comparison"),
+    ]
+    return rows
 
 
 # ------------------------------------------------------------------ logreg
@@ -280,6 +363,7 @@ def main():
     p.add_argument("--only", choices=sorted(SECTIONS), action="append",
                    help="run only this section (repeatable); default: all")
     args = p.parse_args()
+    print("\n".join(machine_lines()), flush=True)
     rows = []
     for name in args.only or SECTIONS:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)

@@ -13,12 +13,24 @@ time, with batch-norm folded into the convolutions and channels-last memory.
     python extract_features.py --data-root data --out-dir artifacts
     python extract_features.py --weights none --limit 1000     # random init, no download
 """
-import functools
+import hashlib
+import http.client
 import os
+import sys
 import time
+import urllib.error
 
-from labio import (ArgumentParser, UserError, atomic_path, check_can_create, load_mnist, plan_outputs,
-                   positive_int, resolve_device, run_main, seed_value, versions)
+import numpy as np
+import scipy.io as sio
+import torch
+import torch.nn.functional as F
+from torchvision.models import ResNet50_Weights, resnet50
+from tqdm import tqdm
+
+from fast_resnet import (PlanError, build_extractor, count_flops, cpu_model_and_flags, explain, format_plan,
+                         has_bf16_units, parse_plan, plan_summary)
+from labio import (ArgumentParser, UserError, add_common_args, atomic_path, check_can_create, load_mnist,
+                   plan_outputs, positive_int, resolve_device, run_main, versions)
 
 FEATURE_DIM = 2048
 PREPROCESSING = "Grayscale(3) -> ToTensor -> Normalize(mean=0.5, std=0.5)"
@@ -30,8 +42,6 @@ NAMED_WEIGHTS = ("IMAGENET1K_V1", "IMAGENET1K_V2")
 def preprocess(images, image_size):
     """uint8 N x 28 x 28 -> float N x 3 x S x S, bit-equal to the per-image
     Grayscale(3) -> ToTensor -> Normalize(0.5, 0.5) chain (same ops, same order)."""
-    import torch.nn.functional as F
-
     x = images.unsqueeze(1).float().div_(255)   # ToTensor: uint8 -> [0, 1]
     x = x.sub_(0.5).div_(0.5)                   # Normalize(0.5, 0.5)
     if image_size != x.shape[-1]:
@@ -42,231 +52,125 @@ def preprocess(images, image_size):
 
 # -------------------------------------------------------------------- model
 
+# What a failed download raises: DNS, refused or reset connections, timeouts, HTTP errors.
+NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError)
+
+
+def first_line(exc):
+    """``Type: first line of the message``, for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def weights_file_name(name):
     """File name torch.hub caches the named ImageNet weights under."""
-    from torchvision.models import ResNet50_Weights
-
     return os.path.basename(ResNet50_Weights[name].url)
 
 
-def load_resnet50(spec, seed):
-    """ResNet-50 with the requested weights; returns (model, provenance string).
-
-    ``spec``: IMAGENET1K_V1 / IMAGENET1K_V2 (torchvision weights API, downloaded
-    into the torch hub cache), ``none`` (seeded random init) or a .pth state_dict.
-    """
-    import torch
-    from torchvision.models import ResNet50_Weights, resnet50
-
-    if spec in NAMED_WEIGHTS:
-        try:
-            return resnet50(weights=ResNet50_Weights[spec]), spec
-        except Exception as exc:
-            hub = os.path.join(torch.hub.get_dir(), "checkpoints", weights_file_name(spec))
-            raise UserError(
-                f"could not get the {spec} ResNet-50 weights ({type(exc).__name__}: no network?). "
-                f"Offline: put the file at {hub}, or pass a state_dict with WEIGHTS=/path/to/resnet50.pth "
-                f"(--weights), or use WEIGHTS=none for random init") from None
-    torch.manual_seed(seed)
-    model = resnet50(weights=None)
-    if spec.lower() == "none":
-        return model, "random-init (WEIGHTS=none)"
-    if not os.path.isfile(spec):
-        raise UserError(f"--weights {spec!r}: no such file (expected {', '.join(NAMED_WEIGHTS)}, "
-                        f"none, or the path of a ResNet-50 state_dict .pth)")
+def load_named_weights(spec):
+    """torchvision's ResNet-50 with ImageNet weights ``spec``, from the torch hub
+    cache or downloaded into it; each way this fails is named."""
+    hub_file = os.path.join(torch.hub.get_dir(), "checkpoints", weights_file_name(spec))
+    cached = os.path.isfile(hub_file)
+    offline = (f"Offline: put the file at {hub_file}, or pass a state_dict with "
+               "WEIGHTS=/path/to/resnet50.pth (--weights), or use WEIGHTS=none for random init")
     try:
-        state = torch.load(spec, map_location="cpu", weights_only=True)
+        return resnet50(weights=ResNet50_Weights[spec])
+    except NETWORK_ERRORS as exc:
+        if not cached:
+            raise UserError(f"could not download the {spec} ResNet-50 weights ({first_line(exc)}; "
+                            f"no network?). {offline}") from None
+        failure = exc
+    except Exception as exc:            # torch.load / load_state_dict on a cached file, or else
+        failure = exc
+    if cached:
+        raise UserError(f"the cached {spec} weights file {hub_file!r} is damaged or not ResNet-50's "
+                        f"({first_line(failure)}); delete it and run again (it is downloaded anew when "
+                        "online), or use WEIGHTS=none") from None
+    raise UserError(f"could not get the {spec} ResNet-50 weights: {first_line(failure)}") from None
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_weights_file(model, path):
+    """Load a ResNet-50 state_dict .pth into ``model``, or say what does not fit."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"cannot read weights file {spec!r}: not a PyTorch state_dict or corrupt "
+        raise UserError(f"cannot read weights file {path!r}: not a PyTorch state_dict or corrupt "
                         f"({type(exc).__name__})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise UserError(f"weights file {spec!r} holds a {type(state).__name__}, not a state_dict")
+        raise UserError(f"weights file {path!r} holds a {type(state).__name__}, not a state_dict")
     # The fc layer is dropped anyway, so a backbone-only state_dict is accepted.
-    missing, unexpected = [], []
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not k.startswith("fc.")]
     unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in state if k in expected and tuple(state[k].shape) != tuple(expected[k].shape)]
+    wrong = [k for k in state if k in expected and tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
         first = (missing or unexpected or wrong)[0]
-        raise UserError(f"weights file {spec!r} does not fit ResNet-50: {len(missing)} missing, "
+        raise UserError(f"weights file {path!r} does not fit ResNet-50: {len(missing)} missing, "
                         f"{len(unexpected)} unexpected, {len(wrong)} mis-shaped keys (first: {first!r})")
     model.load_state_dict(state, strict=False)
-    return model, f"file:{os.path.abspath(spec)}"
 
 
-def fold_batchnorms(module):
-    """Fold every eval-mode BatchNorm into the conv before it (exact up to rounding).
+def load_resnet50(spec, seed):
+    """ResNet-50 with the requested weights; returns (model, provenance, kind).
 
-    In torchvision's ResNet each BatchNorm directly follows a conv in
-    registration order (conv1/bn1, convK/bnK, downsample[0]/[1]).
+    ``spec``: IMAGENET1K_V1 / IMAGENET1K_V2 (torchvision weights API, downloaded
+    into the torch hub cache; kind "imagenet"), ``none`` (seeded random init;
+    kind "random-init") or a .pth state_dict (kind "file", recorded with its
+    sha256: nothing says it holds ImageNet weights).
     """
-    import torch.nn as nn
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    previous_name, previous = None, None
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.BatchNorm2d) and isinstance(previous, nn.Conv2d):
-            setattr(module, previous_name, fuse_conv_bn_eval(previous, child))
-            setattr(module, name, nn.Identity())
-        elif len(list(child.children())):
-            fold_batchnorms(child)
-        previous_name, previous = name, child
-    return module
-
-
-def probe(model, image_size, forward_hooks):
-    """One zero image through ``model`` with {module: forward hook} attached."""
-    import torch
-
-    handles = [m.register_forward_hook(h) for m, h in forward_hooks.items()]
-    try:
-        with torch.inference_mode():
-            model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def conv_map_sizes(model, image_size):
-    """{name: ((h, w) in, (ho, wo) out)} of each Conv2d for one image_size^2 input."""
-    import torch.nn as nn
-
-    sizes = {}
-
-    def record(name):
-        def hook(mod, inp, out):
-            sizes[name] = (tuple(inp[0].shape[2:]), tuple(out.shape[2:]))   # returns None: output kept
-        return hook
-
-    probe(model, image_size, {m: record(name) for name, m in model.named_modules()
-                              if isinstance(m, nn.Conv2d)})
-    return sizes
-
-
-@functools.lru_cache(maxsize=None)
-def small_map_conv_class():
-    """The SmallMapConv module class, defined on first use so that torch loads lazily."""
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
-
-    class SmallMapConv(nn.Module):
-        """An eval-mode conv that only ever sees h x w maps, as one GEMM over the
-        taps that touch real pixels (exact up to rounding).
-
-        At 28x28 input, layer3 and layer4 work on 2x2 and 1x1 maps where most taps
-        of a padded 3x3 conv read zeros: the dense matrix of the linear map
-        (h*w*Cin -> ho*wo*Cout, channels-last order) has 4/9 or 1/9 of the conv's
-        nominal multiply-adds.
-        """
-
-        def __init__(self, conv, h, w):
-            super().__init__()
-            cin, weight = conv.in_channels, conv.weight.detach()
-            # Row k of the matrix is the conv's response to the k-th unit input.
-            basis = torch.eye(cin * h * w, dtype=weight.dtype, device=weight.device)
-            basis = basis.reshape(-1, h, w, cin).permute(0, 3, 1, 2)
-            response = F.conv2d(basis, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-            self.in_hw, self.out_chw = (h, w), tuple(response.shape[1:])
-            self.register_buffer("matrix", response.permute(0, 2, 3, 1).reshape(cin * h * w, -1).contiguous())
-            bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(conv.out_channels)
-            self.register_buffer("bias", bias.repeat(response.shape[2] * response.shape[3]))
-            self.nominal_flops = 2 * weight[0].numel() * response[0].numel()
-
-        def forward(self, x):
-            if tuple(x.shape[2:]) != self.in_hw:
-                raise ValueError(f"SmallMapConv built for {self.in_hw} maps got {tuple(x.shape[2:])}")
-            n, (cout, ho, wo) = x.shape[0], self.out_chw
-            y = torch.addmm(self.bias, x.permute(0, 2, 3, 1).reshape(n, -1), self.matrix)
-            return y.view(n, ho, wo, cout).permute(0, 3, 1, 2)
-
-    return SmallMapConv
-
-
-def convs_on_small_maps_as_gemms(model, image_size):
-    """Replace each conv whose dense map matrix is cheaper than the conv itself."""
-    SmallMapConv = small_map_conv_class()
-    for name, ((h, w), (ho, wo)) in conv_map_sizes(model, image_size).items():
-        conv = model.get_submodule(name)
-        dense = conv.in_channels * h * w * conv.out_channels * ho * wo
-        nominal = conv.weight[0].numel() * conv.out_channels * ho * wo
-        if dense < nominal:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, SmallMapConv(conv, h, w))
-    return model
-
-
-def build_extractor(model, device, image_size=28):
-    """ResNet-50 minus fc, BN folded, small-map convs as GEMMs, channels-last, for inference."""
-    import torch
-    import torch.nn as nn
-
-    model.fc = nn.Identity()        # output = flattened 2048-d avgpool
-    model.eval()
-    fold_batchnorms(model)
-    model.to(device=device, memory_format=torch.channels_last)
-    return convs_on_small_maps_as_gemms(model, image_size)
-
-
-def count_flops(model, image_size, nominal=True):
-    """Floating-point operations (2 x multiply-adds) of one image through the convs,
-    linears and small-map GEMMs. ``nominal`` counts every conv tap, as the usual
-    ResNet-50 figures do; otherwise only the arithmetic actually executed."""
-    import torch.nn as nn
-
-    total = [0]
-
-    def hook(mod, inp, out):
-        if isinstance(mod, nn.Conv2d):
-            total[0] += 2 * mod.weight[0].numel() * out.numel()
-        elif isinstance(mod, nn.Linear):
-            total[0] += 2 * mod.in_features * out.numel()
-        else:
-            total[0] += mod.nominal_flops if nominal else 2 * mod.matrix.numel()
-
-    probe(model, image_size, {m: hook for m in model.modules()
-                              if isinstance(m, (nn.Conv2d, nn.Linear)) or hasattr(m, "nominal_flops")})
-    return total[0]
+    if spec in NAMED_WEIGHTS:
+        return load_named_weights(spec), spec, "imagenet"
+    if spec.lower() != "none" and not os.path.isfile(spec):
+        what = "no such file" if os.sep in spec or spec.endswith(".pth") else "unknown weights name"
+        raise UserError(f"--weights {spec!r}: {what} (expected {', '.join(NAMED_WEIGHTS)}, "
+                        f"none, or the path of a ResNet-50 state_dict .pth)")
+    torch.manual_seed(seed)
+    model = resnet50(weights=None)
+    if spec.lower() == "none":
+        return model, "random-init (WEIGHTS=none)", "random-init"
+    load_weights_file(model, spec)
+    return model, f"file:{os.path.abspath(spec)} sha256:{sha256_of(spec)}", "file"
 
 
 # ------------------------------------------------------------------ extract
 
-def compute_features(model, images, device, batch_size=256, dtype="float32", image_size=28,
-                     progress=None):
-    """Features (float32 N x 2048) of uint8 images N x 28 x 28, in batches."""
-    import torch
-
+def compute_features(model, images, device, batch_size=256, image_size=28, progress=None):
+    """Features (float32 N x 2048) of uint8 images N x 28 x 28, in batches, in the
+    model's dtype (a bfloat16 extractor gets bfloat16 inputs)."""
+    dtype = getattr(model, "dtype", torch.float32)
     out = torch.empty(len(images), FEATURE_DIM, dtype=torch.float32)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
-                              enabled=dtype == "bfloat16")
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size]
-            x = preprocess(batch.to(device), image_size).contiguous(memory_format=torch.channels_last)
+            x = preprocess(batch.to(device), image_size).to(dtype, memory_format=torch.channels_last)
             out[start:start + len(batch)] = model(x).float().cpu()
             if progress is not None:
                 progress.update(len(batch))
     return out
 
 
-def extract(dataset, filename, model, device, *, batch_size=256, dtype="float32",
-            image_size=28, limit=None, metadata=None, desc=None):
+def extract(dataset, filename, model, device, *, batch_size=256, image_size=28, limit=None,
+            metadata=None, desc=None):
     """The assignment's ``extract(dataset, filename)``: features of a whole MNIST
     split saved to ``filename`` (.mat, written atomically). Returns (seconds, n)."""
-    import numpy as np
-    import scipy.io as sio
-    from tqdm import tqdm
-
     images, labels = dataset.data, dataset.targets
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
     start = time.perf_counter()
     with tqdm(total=len(images), unit="img", desc=desc or os.path.basename(filename),
               dynamic_ncols=True) as bar:
-        features = compute_features(model, images, device, batch_size, dtype, image_size, bar)
+        features = compute_features(model, images, device, batch_size, image_size, bar)
     seconds = time.perf_counter() - start
     record = {
         "features": features.numpy(),
@@ -283,54 +187,93 @@ def extract(dataset, filename, model, device, *, batch_size=256, dtype="float32"
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default="data", help="torchvision MNIST root (DATA)")
+    add_common_args(p, "data_root")
     p.add_argument("--out-dir", default="artifacts", help="where mnist_{train,test}.mat go (OUT)")
     p.add_argument("--split", choices=("train", "test", "both"), default="both", help="which MNIST split(s)")
     p.add_argument("--weights", default="IMAGENET1K_V1",
                    help="IMAGENET1K_V1, IMAGENET1K_V2, none (random init) or a state_dict .pth")
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="use only the first N images of each split (default: all)")
+    add_common_args(p, "limit")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="auto picks cuda, then mps, then cpu")
+    add_common_args(p, "device")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="bfloat16 autocast is opt-in: faster where the hardware has bf16 units")
+                   help="bfloat16 is opt-in: faster only where the hardware has bf16 units")
     p.add_argument("--image-size", type=positive_int, default=28,
                    help="side of the network input; 28 as in the assignment, e.g. 224 resizes on the fly")
-    p.add_argument("--seed", type=seed_value, default=0, help="seed of the random init (--weights none)")
+    add_common_args(p, "seed", seed={"help": "seed of the random init (--weights none)"})
+    p.add_argument("--plan-from", metavar="MAT", default=None,
+                   help="run each conv as the conv_plan recorded in this earlier .mat says, instead of "
+                        "timing the formulations now (same plan, same numbers); default: time them")
+    p.add_argument("--explain", action="store_true",
+                   help="list every conv: the formulations timed on this machine and the one chosen")
     return p.parse_args(argv)
+
+
+def read_plan(path):
+    """The per-conv choice recorded in an earlier run's .mat."""
+    try:
+        mat = sio.loadmat(path, variable_names=["conv_plan"])
+    except FileNotFoundError:
+        raise UserError(f"--plan-from {path!r}: no such file") from None
+    except Exception as exc:
+        raise UserError(f"--plan-from {path!r}: not a readable .mat file ({type(exc).__name__})") from None
+    if "conv_plan" not in mat:
+        raise UserError(f"--plan-from {path!r}: the file records no conv_plan (not written by "
+                        "extract_features.py?)")
+    try:
+        return parse_plan(np.squeeze(mat["conv_plan"]))
+    except PlanError as exc:
+        raise UserError(f"--plan-from {path!r}: {exc}") from None
+
+
+def warn(message):
+    print(f"{os.path.basename(sys.argv[0])}: warning: {message}", file=sys.stderr)
 
 
 def main(argv=None):
     args = parse_args(argv)
     check_can_create(args.out_dir)              # fail before any heavy work, create nothing
     device = resolve_device(args.device)
+    plan = read_plan(args.plan_from) if args.plan_from else None
     splits = ("train", "test") if args.split == "both" else (args.split,)
     plan_outputs(os.path.join(args.out_dir, f"mnist_{s}.mat") for s in splits)
     datasets = {s: load_mnist(args.data_root, train=(s == "train")) for s in splits}
+    model, provenance, kind = load_resnet50(args.weights, args.seed)
 
-    import torch
-
-    model, provenance = load_resnet50(args.weights, args.seed)
-    extractor = build_extractor(model, device, args.image_size)
-    if provenance.startswith("random-init"):
+    dtype = getattr(torch, args.dtype)
+    if dtype == torch.bfloat16 and has_bf16_units(device) is False:
+        warn(f"this {device.type.upper()} has no bf16 units (avx512_bf16, amx_bf16): --dtype bfloat16 "
+             "will be slower than float32 here")
+    n_max = max(min(len(d), args.limit or len(d)) for d in datasets.values())
+    start = time.perf_counter()
+    try:        # the probe batch is one batch of this run
+        extractor = build_extractor(model, device, args.image_size, min(args.batch_size, n_max), dtype, plan)
+    except PlanError as exc:
+        raise UserError(f"--plan-from {args.plan_from!r}: {exc}") from None
+    build_seconds = time.perf_counter() - start
+    if kind == "random-init":
         print("WARNING: ResNet-50 has RANDOM-INIT weights (WEIGHTS=none): these are not "
               "ImageNet features, and nothing computed from them is the assignment's result.")
     flops = count_flops(extractor, args.image_size)
+    how = f"as in {args.plan_from}" if plan else f"chosen by timing on this machine in {build_seconds:.1f} s"
+    summary = plan_summary(extractor.plan)
     v = versions()
-    metadata = {"weights": provenance, "pretrained": int(args.weights in NAMED_WEIGHTS
-                                                         or provenance.startswith("file:")),
+    metadata = {"weights": provenance, "weights_kind": kind, "pretrained": int(kind == "imagenet"),
                 "preprocessing": PREPROCESSING, "image_size": args.image_size, "dtype": args.dtype,
-                "device": str(device), "seed": args.seed,
+                "device": str(device), "cpu": cpu_model_and_flags()[0], "threads": torch.get_num_threads(),
+                "batch_size": args.batch_size, "seed": args.seed,
+                "conv_plan": format_plan(extractor.plan), "conv_plan_summary": summary,
                 "torch_version": v["torch"], "torchvision_version": v["torchvision"]}
     print(f"ResNet-50 weights: {provenance}; device {device}, {args.dtype}, {args.image_size}x"
-          f"{args.image_size}, {torch.get_num_threads()} threads, {flops / 1e9:.3f} GFLOP/image nominal "
+          f"{args.image_size}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+          f"{flops / 1e9:.3f} GFLOP/image nominal "
           f"({count_flops(extractor, args.image_size, nominal=False) / 1e9:.3f} executed)")
+    print(f"convs as: {summary} ({how}{'' if args.explain else '; --explain lists them'})")
+    if args.explain:
+        print("\n".join(explain(extractor)))
     for split in splits:
         path = os.path.join(args.out_dir, f"mnist_{split}.mat")
         seconds, n = extract(datasets[split], path, extractor, device, batch_size=args.batch_size,
-                             dtype=args.dtype, image_size=args.image_size, limit=args.limit,
-                             metadata=metadata, desc=split)
+                             image_size=args.image_size, limit=args.limit, metadata=metadata, desc=split)
         print(f"{path}: {n} x {FEATURE_DIM} in {seconds:.1f} s, {n / seconds:.0f} img/s, "
               f"{flops * n / seconds / 1e9:.1f} GFLOP/s achieved (nominal FLOPs)")
 

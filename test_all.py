@@ -304,6 +304,10 @@ def assert_close_to(features, reference):
 
 # ------------------------------------------------------- features: oracles
 
+import fast_resnet as fr  # noqa: E402
+import labio  # noqa: E402
+
+
 def test_features_match_assignment_per_image_loop(features_run, mnist_root, resnet_pth):
     """The assignment's loop: PIL image -> Grayscale(3) -> ToTensor -> Normalize -> net minus fc."""
     from torchvision import datasets, transforms
@@ -346,17 +350,42 @@ def test_batched_preprocessing_is_bit_equal_to_transforms(mnist_root):
         assert torch.equal(batch[i], transform(ds[i][0]))
 
 
-def test_extractor_rewrites_keep_outputs(resnet_pth):
-    """BN folding and the small-map GEMMs change rounding only."""
+def forced_plan(choices, kind):
+    """Every conv as ``kind`` where that formulation applies, else as its first option."""
+    return {name: kind if kind in kinds else kinds[0] for name, kinds in choices.items()}
+
+
+@pytest.mark.parametrize("kind", fr.KINDS)
+def test_every_formulation_keeps_outputs(kind, resnet_pth, monkeypatch):
+    """Each way a conv can run (whatever the timing picks on this machine) matches
+    the unmodified network, post-ops (ReLU, residual add) included."""
+    if kind == "aten":          # what runs where oneDNN does not (GPUs, builds without it)
+        monkeypatch.setattr(fr, "onednn_available", lambda device: False)
     model = reference_model(resnet_pth)
-    folded = ef.build_extractor(copy.deepcopy(model), torch.device("cpu"))
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    gemms = [name for name, m in folded.named_modules() if hasattr(m, "nominal_flops")]
-    assert "layer4.2.conv2" in gemms and "layer1.0.conv2" not in gemms
+    auto = fr.build_extractor(copy.deepcopy(model), torch.device("cpu"), batch_size=4)
+    plan = forced_plan(auto.choices, kind)
+    if kind not in plan.values():
+        pytest.skip(f"{kind} does not run on this machine's CPU")
+    ours = fr.build_extractor(copy.deepcopy(model), torch.device("cpu"), batch_size=4, plan=plan)
+    assert ours.plan == plan
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours.modules())
     x = torch.randn(4, 3, 28, 28)
     with torch.inference_mode():
         model.fc = torch.nn.Identity()
-        assert_close_to(folded(x).numpy(), model(x).numpy())
+        assert_close_to(ours(x.contiguous(memory_format=torch.channels_last)).numpy(), model(x).numpy())
+
+
+def test_choice_options_follow_the_map_sizes():
+    """gemm only for 1x1 convs; smallmap only where the padded 3x3 kernel mostly reads zeros."""
+    from torchvision.models import resnet50
+
+    ex = fr.build_extractor(resnet50(weights=None), torch.device("cpu"), batch_size=2)
+    assert set(ex.choices) == set(ex.plan) and len(ex.plan) == 53
+    assert "gemm" in ex.choices["layer4.2.conv1"] and "gemm" not in ex.choices["layer1.0.conv2"]
+    assert "smallmap" in ex.choices["layer4.2.conv2"] and "smallmap" not in ex.choices["layer2.1.conv2"]
+    assert all(ex.plan[name] in kinds for name, kinds in ex.choices.items())
+    assert fr.parse_plan(fr.format_plan(ex.plan)) == ex.plan
+    assert sum(int(part.split()[1]) for part in fr.plan_summary(ex.plan).split(", ")) == 53
 
 
 def test_flop_count_matches_known_resnet50_cost():
@@ -364,12 +393,14 @@ def test_flop_count_matches_known_resnet50_cost():
 
     model = resnet50(weights=None).eval()
     # torchvision documents 4.09 GFLOPS (multiply-adds) at 224x224.
-    assert abs(ef.count_flops(model, 224) / 2 / 1e9 - 4.09) < 0.02
+    assert abs(fr.count_flops(model, 224) / 2 / 1e9 - 4.09) < 0.02
     model.fc = torch.nn.Identity()              # the extractor: 0.158 GFLOP at 28x28 (issue #2)
-    assert abs(ef.count_flops(model, 28) / 1e9 - 0.158) < 0.001
-    ours = ef.build_extractor(copy.deepcopy(model), torch.device("cpu"))
-    assert ef.count_flops(ours, 28) == ef.count_flops(model, 28)      # nominal count unchanged
-    assert ef.count_flops(ours, 28, nominal=False) < 0.9 * ef.count_flops(ours, 28)
+    assert abs(fr.count_flops(model, 28) / 1e9 - 0.158) < 0.001
+    choices = fr.build_extractor(copy.deepcopy(model), torch.device("cpu"), batch_size=2).choices
+    ours = fr.build_extractor(copy.deepcopy(model), torch.device("cpu"), batch_size=2,
+                              plan=forced_plan(choices, "smallmap"))
+    assert fr.count_flops(ours, 28) == fr.count_flops(model, 28)      # nominal count unchanged
+    assert fr.count_flops(ours, 28, nominal=False) < 0.9 * fr.count_flops(ours, 28)
 
 
 # ------------------------------------------------------ features: contract
@@ -381,7 +412,11 @@ def assignment_get_one_hot(labels):
     return one_hot
 
 
-def test_mat_contract(features_run, mnist_root):
+def mat_text(mat, key):
+    return str(np.squeeze(mat[key]))
+
+
+def test_mat_contract(features_run, mnist_root, resnet_pth):
     from torchvision import datasets
 
     out, proc = features_run
@@ -396,13 +431,29 @@ def test_mat_contract(features_run, mnist_root):
         onehot = assignment_get_one_hot(labels)
         assert onehot.shape == (n, 10) and np.array_equal(onehot.argmax(1), expected)
         assert np.isfinite(features).all() and (features >= 0).all()   # post-ReLU avgpool
-        assert str(np.squeeze(trmat["weights"])).startswith("file:")
         assert int(np.squeeze(trmat["image_size"])) == 28
-        assert str(np.squeeze(trmat["dtype"])) == "float32"
-        assert str(np.squeeze(trmat["torch_version"])) == torch.__version__
+        assert mat_text(trmat, "dtype") == "float32"
+        assert mat_text(trmat, "torch_version") == torch.__version__
         assert float(np.squeeze(trmat["elapsed_seconds"])) > 0
-    assert "img/s" in proc.stdout and "GFLOP/s" in proc.stdout
+        assert int(np.squeeze(trmat["threads"])) == torch.get_num_threads()
+        assert int(np.squeeze(trmat["batch_size"])) == 20
+        plan = fr.parse_plan(mat_text(trmat, "conv_plan"))
+        assert len(plan) == 53 and fr.plan_summary(plan) == mat_text(trmat, "conv_plan_summary")
+    assert "img/s" in proc.stdout and "GFLOP/s" in proc.stdout and "convs as: " in proc.stdout
     assert not [f for f in leftovers(out) if f.endswith(".tmp")]
+
+
+def test_weights_file_is_recorded_by_hash_and_not_as_pretrained(features_run, resnet_pth):
+    """A .pth is not known to hold ImageNet weights: pretrained=0, kind "file", its sha256."""
+    import hashlib
+
+    out, _ = features_run
+    mat = sio.loadmat(os.path.join(out, "mnist_train.mat"))
+    with open(resnet_pth, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert mat_text(mat, "weights") == f"file:{os.path.abspath(resnet_pth)} sha256:{digest}"
+    assert mat_text(mat, "weights_kind") == "file"
+    assert int(np.squeeze(mat["pretrained"])) == 0
 
 
 def test_limit_and_split(mnist_root, resnet_pth, tmp_path):
@@ -416,22 +467,31 @@ def test_limit_and_split(mnist_root, resnet_pth, tmp_path):
 
 def test_random_init_is_said_loudly(mnist_root, tmp_path):
     proc = run_cli("extract_features.py", "--data-root", mnist_root, "--out-dir", tmp_path,
-                   "--weights", "none", "--split", "test", "--limit", "4")
+                   "--weights", "none", "--split", "test", "--limit", "4", "--explain")
     assert proc.returncode == 0, proc.stderr
     assert "RANDOM-INIT" in proc.stdout
     mat = sio.loadmat(tmp_path / "mnist_test.mat")
-    assert str(np.squeeze(mat["weights"])).startswith("random-init")
+    assert mat_text(mat, "weights").startswith("random-init")
+    assert mat_text(mat, "weights_kind") == "random-init"
     assert int(np.squeeze(mat["pretrained"])) == 0
+    # --explain: one line per conv, naming the formulation the plan recorded
+    plan = fr.parse_plan(mat_text(mat, "conv_plan"))
+    for name, kind in plan.items():
+        assert any(line.startswith(name + " ") and f"-> {kind}" in line for line in proc.stdout.splitlines())
 
 
-def test_determinism_same_seed_same_features(mnist_root, tmp_path):
+def test_determinism_same_plan_same_features(mnist_root, tmp_path):
+    """Same seed and the same per-conv plan (here the first run's, via --plan-from):
+    the same features, bit for bit."""
     arrays = []
     for run in ("a", "b"):
         out = tmp_path / run
+        plan = ["--plan-from", tmp_path / "a" / "mnist_test.mat"] if run == "b" else []
         proc = run_cli("extract_features.py", "--data-root", mnist_root, "--out-dir", out,
-                       "--weights", "none", "--seed", "3", "--split", "test", "--limit", "12")
+                       "--weights", "none", "--seed", "3", "--split", "test", "--limit", "12", *plan)
         assert proc.returncode == 0, proc.stderr
         arrays.append(sio.loadmat(out / "mnist_test.mat")["features"])
+    assert "as in " in proc.stdout
     assert np.array_equal(arrays[0], arrays[1])
 
 
@@ -439,12 +499,24 @@ def test_bfloat16_within_two_percent_of_float32(resnet_pth, mnist_root):
     from torchvision import datasets
 
     images = datasets.MNIST(mnist_root, train=False).data[:16]
-    model = ef.build_extractor(reference_model(resnet_pth), torch.device("cpu"))
-    f32 = ef.compute_features(model, images, torch.device("cpu"), dtype="float32")
-    bf16 = ef.compute_features(model, images, torch.device("cpu"), dtype="bfloat16")
+    cpu = torch.device("cpu")
+    f32 = ef.compute_features(fr.build_extractor(reference_model(resnet_pth), cpu, batch_size=16), images, cpu)
+    model = fr.build_extractor(reference_model(resnet_pth), cpu, batch_size=16, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    bf16 = ef.compute_features(model, images, cpu)
     assert bf16.dtype == torch.float32
     assert not torch.equal(f32, bf16)           # bf16 really ran
     assert (bf16 - f32).norm() / f32.norm() < 0.02
+
+
+def test_bfloat16_without_bf16_units_warns_in_one_line(mnist_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ef, "has_bf16_units", lambda device: False)
+    proc = run_extract_in_process(monkeypatch, capsys, "--data-root", mnist_root, "--out-dir", tmp_path,
+                                  "--weights", "none", "--split", "test", "--limit", "2",
+                                  "--dtype", "bfloat16")
+    assert proc.returncode == 0
+    warnings = [ln for ln in proc.stderr.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and "no bf16 units" in warnings[0] and "slower" in warnings[0]
 
 
 def test_image_size_resizes_on_the_fly(mnist_root):
@@ -455,7 +527,7 @@ def test_image_size_resizes_on_the_fly(mnist_root):
     torch.manual_seed(0)
     from torchvision.models import resnet50
 
-    model = ef.build_extractor(resnet50(weights=None), torch.device("cpu"), image_size=56)
+    model = fr.build_extractor(resnet50(weights=None), torch.device("cpu"), image_size=56, batch_size=2)
     assert ef.compute_features(model, images, torch.device("cpu"), image_size=56).shape == (2, 2048)
     with pytest.raises(ValueError, match="built for"):     # a 56-pixel extractor refuses 28 pixels
         ef.compute_features(model, images, torch.device("cpu"), image_size=28)
@@ -463,53 +535,146 @@ def test_image_size_resizes_on_the_fly(mnist_root):
 
 # ------------------------------------------------------ features: failures
 
-def test_error_mnist_missing_offline(tmp_path):
-    proc = run_cli("extract_features.py", "--data-root", tmp_path / "empty", "--out-dir", tmp_path / "o",
-                   "--weights", "none", env=OFFLINE_ENV)
-    assert_user_error(proc, "MNIST/raw", "could not be downloaded")
-    assert leftovers(tmp_path / "o") == []
+def run_extract_in_process(monkeypatch, capsys, *args, env=None):
+    """extract_features.py's command line run through labio.run_main in this process
+    (as the script runs it, minus the ~2 s torch import per case)."""
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", ["extract_features.py", *map(str, args)])
+    sigterm = signal.getsignal(signal.SIGTERM)
+    capsys.readouterr()
+    code = 0
+    try:
+        labio.run_main(ef.main)
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
-def test_error_weights_download_offline(mnist_root, tmp_path):
-    env = {**OFFLINE_ENV, "TORCH_HOME": str(tmp_path / "hub")}
-    proc = run_cli("extract_features.py", "--data-root", mnist_root, "--out-dir", tmp_path / "o",
-                   "--weights", "IMAGENET1K_V1", env=env)
-    assert_user_error(proc, "IMAGENET1K_V1", "resnet50-0676ba61.pth", "WEIGHTS=none")
-    assert leftovers(tmp_path / "o") == []
+@pytest.fixture
+def older_outputs(tmp_path):
+    """An output dir that already holds the .mat files of an earlier run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for split in ("train", "test"):
+        sio.savemat(out / f"mnist_{split}.mat", {"features": np.ones((2, 2048), np.float32),
+                                                 "labels": np.zeros((1, 2), np.int64)})
+    return out
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "wrong-model", "not-a-dict"])
-def test_error_bad_weights_file(case, mnist_root, tmp_path):
-    path = tmp_path / "w.pth"
-    if case == "corrupt":
-        path.write_bytes(b"PK\x03\x04 this is not a checkpoint" * 10)
-    elif case == "wrong-model":
-        from torchvision.models import resnet18
+def bad_input(case, tmp, mnist_root):
+    """(args, env, fragments of the one-line error) for one bad input to extract_features.py."""
+    from torchvision.models import resnet18
 
-        torch.save(resnet18(weights=None).state_dict(), path)
-    elif case == "not-a-dict":
-        torch.save(torch.zeros(3), path)
-    proc = run_cli("extract_features.py", "--data-root", mnist_root, "--out-dir", tmp_path / "o",
-                   "--weights", path)
-    assert_user_error(proc, {"missing": "no such file", "corrupt": "cannot read",
-                             "wrong-model": "does not fit ResNet-50", "not-a-dict": "not a state_dict"}[case])
-    assert leftovers(tmp_path / "o") == []
+    data = ["--data-root", mnist_root]
+    if case == "unknown weights name":
+        return [*data, "--weights", "IMAGENET1K_V3"], {}, ["unknown weights name", "IMAGENET1K_V1"]
+    if case == "missing weights file":
+        return [*data, "--weights", tmp / "nope.pth"], {}, ["no such file"]
+    if case == "corrupt weights file":
+        (tmp / "w.pth").write_bytes(b"PK\x03\x04 this is not a checkpoint" * 10)
+        return [*data, "--weights", tmp / "w.pth"], {}, ["cannot read weights file"]
+    if case == "weights of another model":
+        torch.save(resnet18(weights=None).state_dict(), tmp / "w.pth")
+        return [*data, "--weights", tmp / "w.pth"], {}, ["does not fit ResNet-50"]
+    if case == "weights not a dict":
+        torch.save(torch.zeros(3), tmp / "w.pth")
+        return [*data, "--weights", tmp / "w.pth"], {}, ["not a state_dict"]
+    if case == "corrupt hub cache file":
+        hub = tmp / "torch" / "hub" / "checkpoints"
+        hub.mkdir(parents=True)
+        (hub / "resnet50-0676ba61.pth").write_bytes(b"garbage, not a checkpoint" * 100)
+        return [*data, "--weights", "IMAGENET1K_V1"], {"TORCH_HOME": str(tmp / "torch")}, \
+            ["damaged", str(hub / "resnet50-0676ba61.pth"), "delete it"]
+    if case == "no network for the weights":
+        return [*data, "--weights", "IMAGENET1K_V1"], {**OFFLINE_ENV, "TORCH_HOME": str(tmp / "torch")}, \
+            ["could not download", "no network?", "resnet50-0676ba61.pth", "WEIGHTS=none"]
+    if case == "hub cache dir under a file":  # neither network nor a damaged file: named as it is
+        (tmp / "blocker").write_text("x")
+        return [*data, "--weights", "IMAGENET1K_V1"], {"TORCH_HOME": str(tmp / "blocker" / "torch")}, \
+            ["could not get the IMAGENET1K_V1", "NotADirectoryError"]
+    if case == "MNIST missing, no network":
+        return ["--data-root", tmp / "empty", "--weights", "none"], OFFLINE_ENV, \
+            ["MNIST/raw", "could not be downloaded", "no network?"]
+    if case in ("MNIST damaged file", "MNIST wrong layout"):
+        root = make_mnist(str(tmp / "mnist"), 4, 4)
+        raw = os.path.join(root, "MNIST", "raw")
+        if case == "MNIST damaged file":
+            with open(os.path.join(raw, "t10k-images-idx3-ubyte"), "r+b") as f:
+                f.truncate(500)
+            return ["--data-root", root, "--weights", "none"], {}, \
+                ["t10k-images-idx3-ubyte", "damaged", "truncated", "delete it"]
+        for name in os.listdir(raw):
+            os.replace(os.path.join(raw, name), os.path.join(root, name))
+        return ["--data-root", root, "--weights", "none"], {}, ["torchvision reads them from", "MNIST/raw"]
+    if case == "out dir is a file":
+        return [*data, "--weights", "none", "--out-dir", tmp / "out" / "mnist_train.mat"], {}, \
+            ["output directory", "not a directory"]
+    if case == "out dir under a file":
+        return [*data, "--weights", "none", "--out-dir", tmp / "out" / "mnist_test.mat" / "sub"], {}, \
+            ["output directory", "not a directory"]
+    if case == "cuda without a GPU":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+        return [*data, "--weights", "none", "--device", "cuda"], {}, ["--device cuda", "no CUDA GPU"]
+    if case == "plan file missing":
+        return [*data, "--weights", "none", "--plan-from", tmp / "nope.mat"], {}, ["--plan-from", "no such file"]
+    if case == "plan file not a .mat":
+        (tmp / "plan.mat").write_text("not a mat file")
+        return [*data, "--weights", "none", "--plan-from", tmp / "plan.mat"], {}, ["not a readable .mat"]
+    if case == "plan file without a plan":
+        return [*data, "--weights", "none", "--plan-from", tmp / "out" / "mnist_train.mat"], {}, \
+            ["records no conv_plan"]
+    if case == "plan with an unknown kind":
+        sio.savemat(tmp / "plan.mat", {"conv_plan": "conv1=turbo"})
+        return [*data, "--weights", "none", "--plan-from", tmp / "plan.mat"], {}, ["'conv1=turbo'", "KIND"]
+    if case == "plan naming other convs":
+        sio.savemat(tmp / "plan.mat", {"conv_plan": "conv1=onednn fc=gemm"})
+        return [*data, "--weights", "none", "--plan-from", tmp / "plan.mat"], {}, ["does not name", "53 convs"]
+    if case == "plan that does not fit":    # a 1x1-conv GEMM for the 7x7 stem conv
+        from torchvision.models import resnet50
+
+        plan = {name: "aten" for name in fr.conv_roles(resnet50())}
+        sio.savemat(tmp / "plan.mat", {"conv_plan": fr.format_plan({**plan, "conv1": "gemm"})})
+        return [*data, "--weights", "none", "--plan-from", tmp / "plan.mat"], {}, \
+            ["conv1=gemm is not possible here"]
+    flag, value = case.split(" ", 1)        # "--flag value"
+    return [*data, "--weights", "none", flag, value], {}, [flag]
 
 
-def test_error_unwritable_output_dir(mnist_root, tmp_path):
-    blocker = tmp_path / "a-file"
-    blocker.write_text("x")
-    proc = run_cli("extract_features.py", "--data-root", mnist_root, "--out-dir", blocker / "sub",
-                   "--weights", "none")
-    assert_user_error(proc, "output directory")
+BAD_INPUTS = ["unknown weights name", "missing weights file", "corrupt weights file", "weights of another model",
+              "weights not a dict", "corrupt hub cache file", "no network for the weights", "hub cache dir under a file",
+              "MNIST missing, no network", "MNIST damaged file", "MNIST wrong layout", "out dir is a file",
+              "out dir under a file", "cuda without a GPU", "plan file missing", "plan file not a .mat",
+              "plan file without a plan", "plan with an unknown kind", "plan naming other convs",
+              "plan that does not fit",
+              "--limit 0", "--batch-size -3", "--image-size abc", "--dtype float16", "--seed -1",
+              "--device tpu", "--split val"]
 
 
-@pytest.mark.parametrize("flags", [["--limit", "0"], ["--batch-size", "-3"], ["--image-size", "abc"],
-                                   ["--device", "tpu"], ["--split", "val"], ["--dtype", "float16"]])
-def test_error_nonsense_flags(flags, tmp_path):
-    proc = run_cli("extract_features.py", "--out-dir", tmp_path / "o", *flags)
-    assert_user_error(proc, flags[0])
-    assert leftovers(tmp_path / "o") == []
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_and_changes_no_file(case, mnist_root, older_outputs, monkeypatch, capsys):
+    tmp = older_outputs.parent
+    args, env, fragments = bad_input(case, tmp, mnist_root)
+    if "--out-dir" not in map(str, args):
+        args = [*args, "--out-dir", older_outputs]
+    before = snapshot(older_outputs)
+    proc = run_extract_in_process(monkeypatch, capsys, *args, env=env)
+    assert_rejected(proc, before, [older_outputs], *fragments)
+
+
+@pytest.mark.parametrize("case", ["corrupt hub cache file", "MNIST damaged file", "--limit 0"])
+def test_bad_input_through_the_real_command(case, mnist_root, older_outputs):
+    """The same cases as a user runs them: a separate process, its own exit code and stderr."""
+    tmp = older_outputs.parent
+    args, env, fragments = bad_input(case, tmp, mnist_root)
+    before = snapshot(older_outputs)
+    proc = run_cli("extract_features.py", *args, "--out-dir", older_outputs, env=env)
+    assert proc.returncode == 2
+    assert_rejected(proc, before, [older_outputs], *fragments)
 
 
 def test_no_partial_file_when_save_fails(mnist_root, resnet_pth, tmp_path, monkeypatch):
@@ -528,6 +693,39 @@ def test_no_partial_file_when_save_fails(mnist_root, resnet_pth, tmp_path, monke
     assert leftovers(tmp_path) == ["mnist_test.mat"] and target.read_bytes() == b"old"
 
 
+# The test split's write hangs, so that a signal lands after mnist_train.mat was
+# completed and while mnist_test.mat is being written (its temp file exists).
+HANG_ON_SECOND_WRITE = """
+import signal, sys, time, scipy.io
+signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal, whoever started the tests
+real_savemat, calls = scipy.io.savemat, []
+def savemat(f, record, **kw):
+    calls.append(f)
+    if len(calls) == 2:
+        f.write(b'x' * 1000); f.flush(); print('WRITING SECOND', flush=True); time.sleep(60)
+    return real_savemat(f, record, **kw)
+scipy.io.savemat = savemat
+import extract_features, labio
+sys.argv = ['extract_features.py'] + sys.argv[1:]
+labio.run_main(extract_features.main)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_between_splits_names_what_was_completed(sig, mnist_root, tmp_path):
+    code, err = interrupt_at("WRITING SECOND", HANG_ON_SECOND_WRITE,
+                             ["--data-root", mnist_root, "--out-dir", tmp_path, "--weights", "none",
+                              "--limit", "5"], sig=sig)
+    assert code == 130 and "Traceback" not in err, err
+    line = [ln for ln in err.splitlines() if "interrupted" in ln]
+    assert len(line) == 1, err
+    train, test = (os.path.relpath(tmp_path / f"mnist_{s}.mat", HERE) for s in ("train", "test"))
+    assert f"completed: {train}; not written: {test}" in line[0], line[0]
+    assert leftovers(tmp_path) == ["mnist_train.mat"]         # no temp file, no test .mat
+    mat = sio.loadmat(tmp_path / "mnist_train.mat")
+    assert mat["features"].shape == (5, 2048) and mat["labels"].shape == (1, 5)
+
+
 def test_no_partial_file_when_killed(mnist_root, tmp_path):
     """SIGTERM while the .mat is being written: exit 130, the message, no file, no temp file."""
     code = ("import sys, time, scipy.io\n"
@@ -542,6 +740,30 @@ def test_no_partial_file_when_killed(mnist_root, tmp_path):
     assert code_ == 130 and "Traceback" not in err, err
     assert "interrupted" in err and "nothing was completed" in err and "mnist_test.mat" in err, err
     assert leftovers(tmp_path) == []
+
+
+def make_commands(*args):
+    """Run make with PYTHON=echo: the extraction commands it would run are printed, not run."""
+    proc = subprocess.run(["make", "-s", "-C", HERE, "PYTHON=echo", *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_make_features_resumes_after_an_interrupted_split(tmp_path):
+    """After an interrupt that completed the train split, `make features` extracts
+    only the test split (with the train run's per-conv plan); a new DTYPE redoes both."""
+    out = tmp_path / "out"
+    common = ["features", f"OUT={out}", "WEIGHTS=none", "DATA=data"]
+    commands = make_commands(*common)           # writes the stamp, "runs" both splits
+    assert "--split train" in commands and "--split test" in commands and "--dtype float32" in commands
+    os.utime(out / ".features.args", (1, 1))     # as if written long before the train split
+    (out / "mnist_train.mat").write_bytes(b"complete")
+    commands = make_commands(*common)
+    assert "--split train" not in commands and "--split test" in commands, commands
+    assert f"--plan-from {out}/mnist_train.mat" in commands
+    commands = make_commands(*common, "DTYPE=bfloat16")
+    assert "--split train" in commands and "--dtype bfloat16" in commands
 
 
 @pytest.mark.skipif(not os.environ.get("MNIST_ROOT"), reason="set MNIST_ROOT to the real MNIST root")
