@@ -121,7 +121,7 @@ def _accuracy(probs, y):
 
 def _ours(X, L, X_te, L_te, y_te):
     start = time.perf_counter()
-    result = logreg.train(X, L, X_te, L_te)
+    result = logreg.train(X, L, X_te, L_te, logreg.TrainConfig.for_mode("default"))
     seconds = time.perf_counter() - start
     return result, seconds, _accuracy(result["test_probs"], y_te)
 
@@ -165,7 +165,8 @@ def bench_logreg(train_mat, test_mat):
                 f"{data}; sklearn: {sk_iter} lbfgs iterations (max_iter={SKLEARN_MAX_ITER}); "
                 "both times include standardization, neither includes loading the .mat files")]
 
-    ref = logreg.train(X, L, X_te, L_te, reference=True, epochs=REFERENCE_EPOCHS, progress=True)
+    ref = logreg.train(X, L, X_te, L_te, logreg.TrainConfig.for_mode("reference", epochs=REFERENCE_EPOCHS),
+                       progress=True)
     ref_s = ref["history"]["seconds"][-1]
     ref_acc = ref["history"]["test_acc"][-1]
     reach_s = _time_to_reach(result, ref_acc)

@@ -19,22 +19,55 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 
-from labio import (ArgumentParser, UserError, atomic_path, check_can_create, ensure_writable_dir,
-                   nonnegative_float, positive_float, positive_int, run_main, save_figure, seed_value,
-                   versions, write_json)
+from labio import (ArgumentParser, UserError, add_common_args, atomic_path, check_can_create,
+                   ensure_writable_dir, nonnegative_float, positive_float, positive_int, pyplot, run_main,
+                   save_figure, versions, write_json)
 
 NUM_CLASSES = 10
 METADATA_KEYS = ("weights", "pretrained", "preprocessing", "image_size", "dtype",
                  "torch_version", "torchvision_version", "elapsed_seconds")
 # Defaults of the two training procedures; None on the command line means "the mode's default".
-DEFAULTS = {
-    "fast": {"epochs": 15, "batch_size": 256, "lr": 0.05, "l2": 1e-3},
-    "reference": {"epochs": 1000, "batch_size": 64, "lr": 0.001, "l2": 0.0},
+# An option that a mode does not use is None (the reference procedure has no momentum, no early
+# stopping and no validation split).
+MODE_DEFAULTS = {
+    "default": {"epochs": 15, "batch_size": 256, "lr": 0.05, "l2": 1e-3, "val_fraction": 0.1,
+                "momentum": 0.9, "patience": 6},
+    "reference": {"epochs": 1000, "batch_size": 64, "lr": 0.001, "l2": 0.0, "val_fraction": None,
+                  "momentum": None, "patience": None},
 }
 REFERENCE_TOL = 1e-10   # the assignment stops when the parameter change falls below this
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one training run: what the command line builds, what ``train``
+    takes, and what logreg.npz and logreg_metrics.json record. Build it with ``for_mode``."""
+    mode: str                       # "default" (fast route) or "reference" (the assignment's loop)
+    epochs: int
+    batch_size: int
+    lr: float
+    l2: float
+    val_fraction: Optional[float]   # share of the training set held out for validation
+    momentum: Optional[float]       # Nesterov momentum (default mode only)
+    patience: Optional[int]         # early-stopping patience in epochs (default mode only)
+    seed: int = 0
+
+    @classmethod
+    def for_mode(cls, mode="default", **values):
+        """The mode's defaults, replaced by those ``values`` that are not None."""
+        if mode not in MODE_DEFAULTS:
+            raise ValueError(f"mode must be one of {', '.join(MODE_DEFAULTS)}, got {mode!r}")
+        chosen = {k: v for k, v in values.items() if v is not None}
+        return cls(mode=mode, **{**MODE_DEFAULTS[mode], **chosen})
+
+    @property
+    def reference(self):
+        return self.mode == "reference"
 
 
 # --------------------------------------------------------------------- the assignment's functions
@@ -97,12 +130,13 @@ def predict_proba(X, theta, mean=None, scale=None, chunk=2048):
     return out
 
 
-def mlr(trfeature, tr_onehot, tefeature, te_onehot, **options):
+def mlr(trfeature, tr_onehot, tefeature, te_onehot, config=None):
     """The assignment's ``mlr``: train, return the predicted test probabilities (m_test x 10).
 
-    ``options`` are those of ``train`` (epochs, batch_size, lr, l2, seed, reference, ...).
+    ``config`` is a TrainConfig (default: the default training).
     """
-    return train(trfeature, tr_onehot, tefeature, te_onehot, **options)["test_probs"]
+    config = config or TrainConfig.for_mode("default")
+    return train(trfeature, tr_onehot, tefeature, te_onehot, config)["test_probs"]
 
 
 # --------------------------------------------------------------------- training
@@ -157,45 +191,27 @@ def check_finite(loss, epoch):
         raise UserError(f"loss became non-finite at epoch {epoch}; lower --lr")
 
 
-def train(trfeature, tr_onehot, tefeature, te_onehot, *, epochs=None, batch_size=None, lr=None,
-          l2=None, seed=0, reference=False, val_fraction=0.1, momentum=0.9, patience=6,
-          progress=False, copy=True):
-    """Train either way and return a dict: theta, mean/scale (None in reference mode),
-    per-epoch histories (train_loss, val_acc, test_acc, seconds), test_probs, epochs_run, best_epoch.
+def train(trfeature, tr_onehot, tefeature, te_onehot, config, progress=False, copy=True):
+    """Train as ``config`` (a TrainConfig) says and return a dict: theta, mean/scale (None in
+    reference mode), per-epoch histories (train_loss, val_acc, test_acc, seconds), test_probs,
+    epochs_run, best_epoch and the config.
 
     copy=False lets the default training standardize a float32 ``trfeature`` in place.
     """
-    mode = DEFAULTS["reference" if reference else "fast"]
-    epochs = mode["epochs"] if epochs is None else epochs
-    batch_size = mode["batch_size"] if batch_size is None else batch_size
-    lr = mode["lr"] if lr is None else lr
-    l2 = mode["l2"] if l2 is None else l2
     start = time.perf_counter()   # per-epoch times count from here, standardization included
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(config.seed)
     y_te = np.argmax(te_onehot, axis=1)
     # overflow/NaN in a diverging run is caught by check_finite with a clear message
     with np.errstate(over="ignore", invalid="ignore"):
-        return _train(trfeature, tr_onehot, tefeature, y_te, epochs, batch_size, lr, l2, seed,
-                      reference, val_fraction, momentum, patience, progress, rng, start, copy)
-
-
-def _train(trfeature, tr_onehot, tefeature, y_te, epochs, batch_size, lr, l2, seed, reference,
-           val_fraction, momentum, patience, progress, rng, start, copy):
-    if reference:
-        result = _train_reference(trfeature, tr_onehot, tefeature, y_te, epochs, batch_size, lr, l2,
-                                  rng, progress, start)
-        mean = scale = None
-    else:
-        X_std, mean, scale = fit_standardize(trfeature, copy=copy)
-        result = _train_fast(X_std, tr_onehot,
-                             standardize(tefeature, mean, scale), y_te, epochs, batch_size, lr, l2,
-                             rng, val_fraction, momentum, patience, progress, start)
-    result.update(mean=mean, scale=scale,
-                  test_probs=predict_proba(tefeature, result["theta"], mean, scale),
-                  config=dict(reference=reference, epochs=epochs, batch_size=batch_size, lr=lr, l2=l2,
-                              seed=seed, val_fraction=None if reference else val_fraction,
-                              momentum=None if reference else momentum,
-                              patience=None if reference else patience))
+        if config.reference:
+            result = _train_reference(trfeature, tr_onehot, tefeature, y_te, config, rng, progress, start)
+            mean = scale = None
+        else:
+            X_std, mean, scale = fit_standardize(trfeature, copy=copy)
+            result = _train_fast(X_std, tr_onehot, standardize(tefeature, mean, scale), y_te, config, rng,
+                                 progress, start)
+    result.update(mean=mean, scale=scale, config=config,
+                  test_probs=predict_proba(tefeature, result["theta"], mean, scale))
     return result
 
 
@@ -210,11 +226,20 @@ def _history():
     return {"train_loss": [], "val_acc": [], "test_acc": [], "seconds": []}
 
 
-def _train_fast(X, L, X_te, y_te, epochs, batch_size, lr, l2, rng, val_fraction, momentum,
-                patience, progress, start):
+@dataclass
+class BestEpoch:
+    """The epoch with the best validation accuracy so far, and its weights."""
+    val_acc: float = -1.0
+    epoch: int = 0
+    theta: Optional[np.ndarray] = None
+
+
+def _train_fast(X, L, X_te, y_te, config, rng, progress, start):
     """Nesterov-momentum mini-batch SGD, cosine-decayed lr, early stopping on a validation split."""
+    epochs, batch_size, lr, l2 = config.epochs, config.batch_size, config.lr, config.l2
+    momentum, patience = config.momentum, config.patience
     order = rng.permutation(X.shape[0])
-    n_val = int(round(val_fraction * X.shape[0])) if val_fraction > 0 else 0
+    n_val = int(round(config.val_fraction * X.shape[0])) if config.val_fraction > 0 else 0
     val_idx, tr_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
     X_val, y_val = X[val_idx], np.argmax(L[val_idx], axis=1)
     L = L.astype(X.dtype)
@@ -223,7 +248,7 @@ def _train_fast(X, L, X_te, y_te, epochs, batch_size, lr, l2, rng, val_fraction,
     velocity = np.zeros_like(theta)
     steps_per_epoch = -(-n // batch_size)
     total_steps, step = epochs * steps_per_epoch, 0
-    hist, best = _history(), (-1.0, 0, theta.copy())
+    hist, best = _history(), BestEpoch(theta=theta.copy())
     bar = _progress(range(1, epochs + 1), progress, "logreg")
     for epoch in bar:
         perm = tr_idx[rng.permutation(n)]
@@ -244,25 +269,26 @@ def _train_fast(X, L, X_te, y_te, epochs, batch_size, lr, l2, rng, val_fraction,
         test_acc = accuracy(X_te, y_te, theta)
         _record(hist, train_loss, val_acc, test_acc, time.perf_counter() - start)
         _report(bar, progress, epoch, epochs, train_loss, val_acc, test_acc)
-        if n_val and val_acc > best[0]:
-            best = (val_acc, epoch, theta.copy())
-        elif n_val and epoch - best[1] >= patience:
+        if n_val and val_acc > best.val_acc:
+            best = BestEpoch(val_acc, epoch, theta.copy())
+        elif n_val and epoch - best.epoch >= patience:
             break   # no validation gain for `patience` epochs
     if n_val:
-        theta, best_epoch = best[2], best[1]
+        theta, best_epoch = best.theta, best.epoch
     else:
         best_epoch = epoch
     return {"theta": theta.astype(np.float64), "history": hist, "epochs_run": epoch,
             "best_epoch": best_epoch}
 
 
-def _train_reference(X, L, X_te, y_te, epochs, batch_size, lr, l2, rng, progress, start):
+def _train_reference(X, L, X_te, y_te, config, rng, progress, start):
     """The assignment's loop: raw features, theta ~ 0.001 randn, plain mini-batch gradient
     descent in file order, stop when one epoch moves theta by less than 1e-10 (Frobenius norm).
 
     The assignment sliced ``X[i:i + BATCH_SIZE - 1]``, silently dropping the last sample of every
     batch; here every batch is ``X[i:i + batch_size]``.
     """
+    epochs, batch_size, lr, l2 = config.epochs, config.batch_size, config.lr, config.l2
     n, d = X.shape
     theta = 0.001 * rng.standard_normal((d + 1, NUM_CLASSES))
     hist = _history()
@@ -436,7 +462,7 @@ def save_npz(path, result, y_te, provenance):
         "test_probs": result["test_probs"], "test_labels": y_te,
         "best_epoch": np.array(result["best_epoch"]), "epochs_run": np.array(result["epochs_run"]),
         # JSON strings, so that np.load never needs allow_pickle
-        "config_json": np.array(json.dumps(result["config"])),
+        "config_json": np.array(json.dumps(asdict(result["config"]))),
         "provenance_json": np.array(json.dumps(provenance)),
     }
     with atomic_path(path) as tmp, open(tmp, "wb") as f:   # a file object: savez adds no ".npz"
@@ -459,7 +485,7 @@ def load_npz(path):
     if missing:
         raise UserError(f"{path!r} lacks {', '.join(missing)} (written by another version?); "
                         "run `make logreg` again")
-    data["config"] = json.loads(str(data.pop("config_json")))
+    data["config"] = TrainConfig(**json.loads(str(data.pop("config_json"))))
     data["provenance"] = json.loads(str(data.pop("provenance_json")))
     return data
 
@@ -473,7 +499,7 @@ def metrics(result, y_te, roc, provenance, seconds):
         "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"],
         "seconds": {"train": seconds["train"], "total": seconds["total"]},
         "weights": meta["weights"], "random_init_weights": is_random_init(meta),
-        "config": result["config"], "provenance": provenance, "versions": versions(),
+        "config": asdict(result["config"]), "provenance": provenance, "versions": versions(),
     }
 
 
@@ -486,13 +512,11 @@ def title_suffix(provenance):
 
 def plot_all(data, figures_dir):
     """The three figures, from what logreg.npz holds (no training)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ensure_writable_dir(figures_dir)
     suffix = title_suffix(data["provenance"])
-    mode = "reference procedure" if data["config"]["reference"] else "default training"
+    mode = "reference procedure" if data["config"].reference else "default training"
+    path = lambda name: os.path.join(figures_dir, name)  # noqa: E731
     paths = []
 
     epochs = np.arange(1, len(data["test_acc"]) + 1)
@@ -506,7 +530,7 @@ def plot_all(data, figures_dir):
     ax.set(xlabel="epoch", ylabel="accuracy", title=f"Logistic regression ({mode}){suffix}")
     ax.grid(alpha=0.3)
     ax.legend()
-    paths.append(_save(fig, figures_dir, "logreg_test_accuracy.png"))
+    paths.append(save_figure(fig, path("logreg_test_accuracy.png")))
 
     roc = multiclass_roc(data["test_labels"], data["test_probs"])
     fig, ax = plt.subplots(figsize=(7, 6.2))
@@ -518,7 +542,7 @@ def plot_all(data, figures_dir):
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
            title=f"One-vs-rest ROC, MNIST test set{suffix}")
     ax.legend(fontsize=8, loc="lower right")
-    paths.append(_save(fig, figures_dir, "roc.png"))
+    paths.append(save_figure(fig, path("roc.png")))
 
     y_pred = np.argmax(data["test_probs"], axis=1)
     cm = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
@@ -532,24 +556,14 @@ def plot_all(data, figures_dir):
     ax.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted", ylabel="true",
            title=f"Confusion matrix, accuracy {np.mean(y_pred == data['test_labels']):.4f}{suffix}")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    paths.append(_save(fig, figures_dir, "confusion_matrix.png"))
+    paths.append(save_figure(fig, path("confusion_matrix.png")))
     return paths
-
-
-def _save(fig, figures_dir, name):
-    import matplotlib.pyplot as plt
-
-    path = os.path.join(figures_dir, name)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 # --------------------------------------------------------------------- main
 
 def parse_args(argv=None):
-    fast, ref = DEFAULTS["fast"], DEFAULTS["reference"]
+    fast, ref = MODE_DEFAULTS["default"], MODE_DEFAULTS["reference"]
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train-mat", default="artifacts/mnist_train.mat", help="training features (.mat)")
     p.add_argument("--test-mat", default="artifacts/mnist_test.mat", help="test features (.mat)")
@@ -564,11 +578,12 @@ def parse_args(argv=None):
                         f"constant {ref['lr']} with --reference)")
     p.add_argument("--l2", type=nonnegative_float, default=None,
                    help=f"L2 penalty on the weights, not the bias (default {fast['l2']}; {ref['l2']} with --reference)")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of the training set held out for early stopping (ignored with --reference)")
-    p.add_argument("--patience", type=positive_int, default=6,
-                   help="stop after this many epochs without validation gain")
-    p.add_argument("--seed", type=seed_value, default=0, help="seed of the split, shuffling and initialization")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help=f"share of the training set held out for early stopping (default {fast['val_fraction']}; "
+                        "ignored with --reference)")
+    p.add_argument("--patience", type=positive_int, default=None,
+                   help=f"stop after this many epochs without validation gain (default {fast['patience']})")
+    add_common_args(p, "seed", seed={"help": "seed of the split, shuffling and initialization"})
     p.add_argument("--reference", action="store_true",
                    help="the assignment's procedure: raw features, theta ~ 0.001*randn, batch 64, "
                         "lr 0.001, up to 1000 epochs, stop when theta moves < 1e-10 in an epoch")
@@ -576,9 +591,18 @@ def parse_args(argv=None):
                    help="only re-render the figures from OUT/logreg.npz (no training)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if not 0 <= args.val_fraction < 1:
+    if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
         p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     return args
+
+
+def config_from_args(args):
+    """The TrainConfig the command line asks for; options the mode does not use are dropped."""
+    mode = "reference" if args.reference else "default"
+    values = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, l2=args.l2, seed=args.seed)
+    if not args.reference:
+        values.update(val_fraction=args.val_fraction, patience=args.patience)
+    return TrainConfig.for_mode(mode, **values)
 
 
 def main(argv=None):
@@ -590,6 +614,7 @@ def main(argv=None):
         return
 
     t0 = time.perf_counter()
+    config = config_from_args(args)
     X_tr, y_tr, X_te, y_te, provenance = load_pair(args.train_mat, args.test_mat)
     for path in (args.out_dir, args.figures_dir):   # fail before training, create nothing yet
         check_can_create(path)
@@ -600,9 +625,7 @@ def main(argv=None):
     print(f"train {X_tr.shape}, test {X_te.shape}, weights {weights}, "
           f"{'reference procedure' if args.reference else 'default training'}")
     t1 = time.perf_counter()
-    result = train(X_tr, get_one_hot(y_tr), X_te, get_one_hot(y_te), epochs=args.epochs,
-                   batch_size=args.batch_size, lr=args.lr, l2=args.l2, seed=args.seed,
-                   reference=args.reference, val_fraction=args.val_fraction, patience=args.patience,
+    result = train(X_tr, get_one_hot(y_tr), X_te, get_one_hot(y_te), config,
                    progress=not args.no_progress, copy=False)   # X_tr is not needed afterwards
     t_train = time.perf_counter() - t1
     roc = multiclass_roc(y_te, result["test_probs"])

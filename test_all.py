@@ -517,7 +517,8 @@ def test_logreg_one_hot_of_loadmat_row_vector(tmp_path):
 def test_logreg_separable_problem_is_learned_perfectly():
     X, y = logreg_blobs(1000, 20, seed=3, spread=10.0)
     X_te, y_te = logreg_blobs(300, 20, seed=4, spread=10.0)
-    probs = logreg.mlr(X, logreg.get_one_hot(y), X_te, logreg.get_one_hot(y_te), epochs=10)
+    probs = logreg.mlr(X, logreg.get_one_hot(y), X_te, logreg.get_one_hot(y_te),
+                       logreg.TrainConfig.for_mode("default", epochs=10))
     assert np.mean(probs.argmax(axis=1) == y_te) == 1.0
 
 
@@ -540,7 +541,8 @@ def test_logreg_reference_mode_uses_every_sample():
     with one batch holding the whole set, one epoch is one full-batch gradient step."""
     X, y = logreg_blobs(50, 4, seed=7)
     L = logreg.get_one_hot(y)
-    out = logreg.train(X, L, X, L, reference=True, epochs=1, batch_size=50, lr=0.01, seed=3)
+    out = logreg.train(X, L, X, L, logreg.TrainConfig.for_mode("reference", epochs=1, batch_size=50,
+                                                                lr=0.01, seed=3))
     theta0 = 0.001 * np.random.default_rng(3).standard_normal((5, 10))
     expected, _ = logreg.apply_gradients(X, L, theta0, 0.01)
     np.testing.assert_allclose(out["theta"], expected, rtol=1e-12, atol=1e-15)
@@ -549,9 +551,9 @@ def test_logreg_reference_mode_uses_every_sample():
 def test_logreg_same_seed_same_result():
     X, y = logreg_blobs(500, 12, seed=8, spread=0.5)
     L = logreg.get_one_hot(y)
-    a = logreg.train(X, L, X, L, epochs=3, seed=1)
-    b = logreg.train(X, L, X, L, epochs=3, seed=1)
-    c = logreg.train(X, L, X, L, epochs=3, seed=2)
+    a = logreg.train(X, L, X, L, logreg.TrainConfig.for_mode(epochs=3, seed=1))
+    b = logreg.train(X, L, X, L, logreg.TrainConfig.for_mode(epochs=3, seed=1))
+    c = logreg.train(X, L, X, L, logreg.TrainConfig.for_mode(epochs=3, seed=2))
     assert np.array_equal(a["theta"], b["theta"])
     assert a["history"]["test_acc"] == b["history"]["test_acc"]
     assert not np.array_equal(a["theta"], c["theta"])   # the seed does matter
