@@ -23,6 +23,7 @@ sys.path.insert(0, HERE)
 
 import extract_features as ef  # noqa: E402
 import logreg  # noqa: E402
+import sweep_logreg  # noqa: E402
 import vae  # noqa: E402
 
 # A proxy on a closed local port makes every download fail at once, whether or
@@ -981,6 +982,175 @@ def test_logreg_out_dir_that_is_a_file_is_rejected(logreg_older_outputs, tmp_pat
     proc = logreg_run("--train-mat", root / "good.mat", "--test-mat", root / "good.mat",
                       "--out-dir", tmp_path / "afile" / "out", "--figures-dir", tmp_path / "figs")
     assert_rejected(proc, before, [tmp_path], "not a directory")
+
+
+# --------------------------------------------------------------------- sweep_logreg.py
+
+SWEEP_GRID = ["--batch-sizes", "7", "32", "--lrs", "0.001", "0.05", "1e306", "--epochs", "6", "--val-fraction", "0.2"]
+
+
+def sweep_run(*args):
+    return run_cli("sweep_logreg.py", "--no-progress", *args, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def sweep_result(tmp_path_factory):
+    """One sweep on tiny data (230 rows: no batch size divides it) where lr 1e306 diverges."""
+    root = tmp_path_factory.mktemp("sweep")
+    X, y = logreg_blobs(230, 12, seed=21, spread=0.6)
+    X_te, y_te = logreg_blobs(90, 12, seed=22, spread=0.6)
+    train = logreg_write_mat(root / "train.mat", 3 * X, y, **LOGREG_RANDOM_INIT)
+    test = logreg_write_mat(root / "test.mat", 3 * X_te, y_te, **LOGREG_RANDOM_INIT)
+    out, figs = root / "out", root / "figs"
+    proc = sweep_run("--train-mat", train, "--test-mat", test, "--out-dir", out, "--figures-dir", figs,
+                     "--jobs", "2", *SWEEP_GRID)
+    assert proc.returncode == 0, proc.stderr
+    text = (out / "sweep_logreg.json").read_text()
+    sweep = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    return {"root": root, "train": train, "test": test, "out": out, "figs": figs, "sweep": sweep, "proc": proc}
+
+
+def sweep_cell(sweep, batch_size, lr):
+    return next(r for r in sweep["runs"] if (r["batch_size"], r["lr"]) == (batch_size, lr))
+
+
+def test_sweep_logreg_json_describes_the_grid_and_records_divergence(sweep_result):
+    sweep = sweep_result["sweep"]
+    assert set(sweep) >= {"kind", "mode", "epochs", "seed", "val_fraction", "grid", "weights",
+                          "random_init_weights", "provenance", "seconds", "best", "runs", "versions"}
+    assert (sweep["kind"], sweep["mode"], sweep["epochs"], sweep["val_fraction"]) == ("sweep_logreg", "reference", 6, 0.2)
+    assert sweep["grid"] == {"batch_size": [7, 32], "lr": [0.001, 0.05, 1e306]}
+    assert sweep["random_init_weights"] is True and sweep["provenance"]["test"]["weights"].startswith("random-init")
+    assert "torch" not in sweep["versions"]
+    assert [(r["batch_size"], r["lr"]) for r in sweep["runs"]] == [(b, lr) for b in (7, 32) for lr in (0.001, 0.05, 1e306)]
+    for run in sweep["runs"]:
+        if run["lr"] == 1e306:   # a result, not a crash
+            assert run["diverged"] and run["diverged_epoch"] == len(run["train_loss"]) <= 2
+            assert run["train_loss"][-1] is None and run["final_test_acc"] is None and run["final_val_acc"] is None
+        else:
+            assert not run["diverged"] and run["diverged_epoch"] is None
+            assert len(run["train_loss"]) == len(run["val_acc"]) == len(run["test_acc"]) == 6
+            assert run["final_test_acc"] == run["test_acc"][-1] and run["seconds"] > 0
+    assert "diverged at epoch" in sweep_result["proc"].stdout
+
+
+def test_sweep_logreg_best_is_chosen_on_validation_never_on_test(sweep_result):
+    sweep = sweep_result["sweep"]
+    finished = [r for r in sweep["runs"] if not r["diverged"]]
+    best_val = max(v for r in finished for v in r["val_acc"])
+    best = sweep["best"]
+    run = sweep_cell(sweep, best["batch_size"], best["lr"])
+    assert best["val_acc"] == best_val == run["val_acc"][best["epoch"] - 1]
+    assert best["test_acc"] == run["test_acc"][best["epoch"] - 1]
+    # the rule itself, where validation and test disagree and the best test run diverged later
+    runs = [{"batch_size": 1, "lr": 1.0, "diverged": False, "val_acc": [0.5, 0.7], "test_acc": [0.9, 0.6]},
+            {"batch_size": 1, "lr": 2.0, "diverged": False, "val_acc": [0.6, 0.65], "test_acc": [0.95, 0.99]},
+            {"batch_size": 2, "lr": 1.0, "diverged": True, "val_acc": [0.9, None], "test_acc": [0.99, None]}]
+    assert sweep_logreg.best_run(runs) == {"batch_size": 1, "lr": 1.0, "val_acc": 0.7, "test_acc": 0.6, "epoch": 2}
+
+
+@pytest.mark.parametrize("batch_size, lr", [(7, 0.05), (32, 0.001)])
+def test_sweep_logreg_run_equals_a_lone_reference_run(sweep_result, tmp_path, batch_size, lr):
+    """Trained together with the other rates of its batch size (and beside a diverging one), a
+    configuration's history is the one a lone `logreg.py --reference` run computes."""
+    proc = logreg_run("--reference", "--batch-size", batch_size, "--lr", lr, "--epochs", "6", "--val-fraction", "0.2",
+                      "--train-mat", sweep_result["train"], "--test-mat", sweep_result["test"],
+                      "--out-dir", tmp_path, "--figures-dir", tmp_path / "f")
+    assert proc.returncode == 0, proc.stderr
+    run = sweep_cell(sweep_result["sweep"], batch_size, lr)
+    with np.load(tmp_path / "logreg.npz") as lone:
+        for key in ("train_loss", "val_acc", "test_acc"):
+            np.testing.assert_allclose(run[key], lone[key], rtol=1e-9, atol=0, err_msg=key)
+
+
+def test_sweep_logreg_one_job_gives_the_same_runs_and_default_mode_matches_logreg(sweep_result, tmp_path):
+    args = ["--train-mat", sweep_result["train"], "--test-mat", sweep_result["test"], "--figures-dir", tmp_path / "f"]
+    proc = sweep_run(*args, "--out-dir", tmp_path / "one", "--jobs", "1", *SWEEP_GRID)
+    assert proc.returncode == 0, proc.stderr
+    one = json.loads((tmp_path / "one" / "sweep_logreg.json").read_text())
+    strip = lambda runs: [{k: v for k, v in r.items() if k != "seconds"} for r in runs]  # noqa: E731
+    assert strip(one["runs"]) == strip(sweep_result["sweep"]["runs"])
+    proc = sweep_run(*args, "--out-dir", tmp_path / "dflt", "--mode", "default", "--batch-sizes", "16",
+                     "--lrs", "0.05", "--epochs", "4", "--val-fraction", "0.2")
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads((tmp_path / "dflt" / "sweep_logreg.json").read_text())["runs"][0]
+    proc = logreg_run(*args, "--out-dir", tmp_path / "lone", "--batch-size", "16", "--lr", "0.05", "--epochs", "4",
+                      "--val-fraction", "0.2")
+    assert proc.returncode == 0, proc.stderr
+    with np.load(tmp_path / "lone" / "logreg.npz") as lone:
+        np.testing.assert_allclose(run["test_acc"], lone["test_acc"], rtol=1e-9, atol=0)
+        np.testing.assert_allclose(run["train_loss"], lone["train_loss"], rtol=1e-9, atol=0)
+
+
+def test_sweep_logreg_plot_only_redraws_the_same_pixels(sweep_result, tmp_path):
+    import matplotlib.image
+
+    first = matplotlib.image.imread(str(sweep_result["figs"] / "sweep_logreg.png"))
+    proc = sweep_run("--plot-only", "--out-dir", sweep_result["out"], "--figures-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(first, matplotlib.image.imread(str(tmp_path / "sweep_logreg.png")))
+
+
+SWEEP_BAD_FLAGS = {
+    "batch_zero": (["--batch-sizes", "0"], "--batch-sizes"),
+    "negative_lr": (["--lrs", "-0.1"], "--lrs"),
+    "no_lr": (["--lrs"], "--lrs"),
+    "repeated_lr": (["--lrs", "0.01", "0.01"], "0.01 more than once"),
+    "mode": (["--mode", "fast"], "--mode"),
+    "no_validation": (["--val-fraction", "0"], "chosen on validation"),
+    "epochs_zero": (["--epochs", "0"], "--epochs"),
+    "jobs_zero": (["--jobs", "0"], "--jobs"),
+    "no_training_rows": (["--val-fraction", "0.999"], "leaves no training rows"),
+    "missing_mat": (["--train-mat", "{root}/nope.mat"], "not found"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SWEEP_BAD_FLAGS))
+def test_sweep_logreg_bad_input_is_one_line_and_changes_no_file(name, sweep_result):
+    flags, fragment = SWEEP_BAD_FLAGS[name]
+    out, figs = sweep_result["out"], sweep_result["figs"]
+    flags = [f.format(root=sweep_result["root"]) for f in flags]
+    before = snapshot(out, figs)
+    proc = sweep_run("--train-mat", sweep_result["train"], "--test-mat", sweep_result["test"], "--out-dir", out,
+                     "--figures-dir", figs, "--epochs", "2", *flags)
+    assert_rejected(proc, before, [out, figs], fragment)
+
+
+@pytest.mark.parametrize("content, fragment", [(None, "make sweep-logreg` first"), ("{not json", "as JSON"),
+                                               ('{"kind": "sweep_logreg"}', "lacks"),
+                                               ('{"kind": "something else"}', "not a sweep_logreg")])
+def test_sweep_logreg_plot_only_rejects_a_bad_json(content, fragment, sweep_result, tmp_path):
+    if content is not None:
+        (tmp_path / "sweep_logreg.json").write_text(content)
+    figs = sweep_result["figs"]
+    before = snapshot(tmp_path, figs)
+    proc = sweep_run("--plot-only", "--out-dir", tmp_path, "--figures-dir", figs)
+    assert_rejected(proc, before, [tmp_path, figs], fragment)
+
+
+def test_sweep_logreg_make_target_reruns_only_when_a_variable_changes(sweep_result, tmp_path):
+    """`make sweep-logreg` on up-to-date features: runs once, then does nothing, then runs again
+    when SWEEP_EPOCHS changes (the .sweep_logreg.args stamp)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for split in ("train", "test"):
+        (out / f"mnist_{split}.mat").write_bytes(sweep_result[split].read_bytes())
+    (out / ".features.args").write_text("data IMAGENET1K_V1  auto\n")   # the defaults' stamp
+    os.utime(out / ".features.args", (time.time() - 60, time.time() - 60))   # older than the features
+    make = ["make", "-s", "sweep-logreg", f"PYTHON={sys.executable}", f"OUT={out}", f"FIGURES={tmp_path / 'figs'}",
+            "SWEEP_BATCH=7 32", "SWEEP_LR=0.001 0.05"]
+
+    def run(*extra):
+        proc = subprocess.run([*make, *extra], capture_output=True, text=True, cwd=HERE, timeout=180)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert "wrote" in run("SWEEP_EPOCHS=2")
+    assert json.loads((out / "sweep_logreg.json").read_text())["epochs"] == 2
+    assert (tmp_path / "figs" / "sweep_logreg.png").exists()
+    assert run("SWEEP_EPOCHS=2") == ""
+    assert "wrote" in run("SWEEP_EPOCHS=3")
+    assert json.loads((out / "sweep_logreg.json").read_text())["epochs"] == 3
 
 
 # =========================================================================
