@@ -119,10 +119,7 @@ def get_one_hot(labels):
 
 
 def logits(X, theta):
-    """Class scores. theta is (d + 1) x 10: the last row is the bias, so X needs no ones column.
-    A stack of k thetas, k x (d + 1) x 10, gives k x n x 10 scores (one matrix product per model)."""
-    if theta.ndim == 3:
-        return np.matmul(X, theta[:, :-1]) + theta[:, -1:]
+    """Class scores. theta is (d + 1) x 10: the last row is the bias, so X needs no ones column."""
     return X @ theta[:-1] + theta[-1]
 
 
@@ -232,10 +229,7 @@ def standardize(X, mean, scale, dtype=np.float32):
 
 
 def accuracy(X, y, theta):
-    """Share of rows whose highest score is the label; one per model for a stack of thetas."""
-    if X.shape[0] == 0:
-        return np.full(theta.shape[:-2], np.nan)
-    return np.mean(np.argmax(logits(X, theta), axis=-1) == y, axis=-1)
+    return float(np.mean(np.argmax(logits(X, theta), axis=1) == y))
 
 
 class Diverged(UserError):
@@ -356,8 +350,8 @@ def _train_fast(X, L, X_te, y_te, config, progress, start, on_epoch):
         train_loss = loss_sum / n
         if not np.isfinite(train_loss):
             raise Diverged(epoch, hist)
-        val_acc = float(accuracy(X_val, y_val, theta)) if n_val else float("nan")
-        test_acc = float(accuracy(X_te, y_te, theta))
+        val_acc = accuracy(X_val, y_val, theta) if n_val else float("nan")
+        test_acc = accuracy(X_te, y_te, theta)
         _record(hist, train_loss, val_acc, test_acc, time.perf_counter() - start)
         if progress:
             bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{val_acc:.4f}", test=f"{test_acc:.4f}")
@@ -394,12 +388,13 @@ def _train_reference(X, L, X_te, y_te, config, lrs, progress, start, on_epoch=No
     multiple of the batch size. The math is float64, as in the assignment (float32 features times
     a float64 theta); the rows are converted once here rather than at every product.
 
-    Why a stack (k x (d + 1) x 10) with one batched product per batch, rather than one wide
-    (d + 1) x 10k matrix: at the assignment's learning rates this loop is chaotic (a 1e-16
-    change in theta grows to a different loss within two epochs), so a model matches its lone
-    run only if every product rounds exactly as the lone run's does. A wide product does not
-    (BLAS picks its kernel by matrix size); the batched one makes, per model, the very call a
-    lone run makes.
+    At the assignment's learning rates this loop is chaotic: a 1e-16 change in theta grows to a
+    different loss within two epochs. So a stacked model matches its lone run only if every
+    product rounds exactly as the lone run's does, and BLAS picks its kernel by matrix size: one
+    (n x d) @ (d x 10k) product for the whole stack rounds differently from a lone (d x 10) one
+    for small batches. Hence the scores come from one batched product (per model the very call a
+    lone run makes), while the gradient, whose summation runs over the batch whatever the width,
+    is one wide product for all models: (10k x n) @ (n x d), the weights kept transposed.
     """
     rng = np.random.default_rng(config.seed)
     n_all, d = X.shape
@@ -409,33 +404,37 @@ def _train_reference(X, L, X_te, y_te, config, lrs, progress, start, on_epoch=No
     X, L = _rows_float64(X, tr_idx), np.asarray(L[tr_idx], dtype=np.float64)
     X_te = _rows_float64(X_te, np.arange(X_te.shape[0]))
     n, batch_size, l2 = X.shape[0], config.batch_size, config.l2
-    # The models still training: their thetas and learning rates, stacked.
+    # The models still training, stacked: weights transposed (k x 10 x d), biases, learning rates.
     active = list(range(len(lrs)))
-    thetas = np.repeat(theta0[None], len(lrs), axis=0)
+    weights = np.repeat(theta0[None, :-1].transpose(0, 2, 1), len(lrs), axis=0)
+    bias = np.repeat(theta0[None, -1], len(lrs), axis=0)
     rates = np.asarray(lrs, dtype=np.float64)[:, None, None]
     runs = [{"lr": lr, "history": _history(), "diverged_epoch": None} for lr in lrs]
     bar = _progress(range(1, config.epochs + 1), progress,
                     f"logreg --reference, batch {batch_size}" + (f", {len(lrs)} lrs" if len(lrs) > 1 else ""))
     with np.errstate(over="ignore", invalid="ignore"):   # a diverging model is caught below
         for epoch in bar:
-            before = thetas.copy()
-            loss_sum = np.zeros(len(active))
-            weights, bias = thetas[:, :-1], thetas[:, -1]
-            step = np.empty_like(weights)   # reused: a fresh 0.6 MB per batch costs page faults
+            k = len(active)
+            before = np.concatenate([weights.reshape(k, -1), bias], axis=1)
+            step = np.empty((k * NUM_CLASSES, d))   # reused: a fresh 0.6 MB per batch costs page faults
+            loss_sum = np.zeros(k)
             for i in range(0, n, batch_size):
                 X_b, L_b = X[i:i + batch_size], L[i:i + batch_size]
-                loss, delta = cross_entropy(logits(X_b, thetas), L_b)
+                loss, delta = cross_entropy(_stack_scores(X_b, weights, bias), L_b)
                 if l2:
                     loss += 0.5 * l2 * np.sum(weights ** 2, axis=(1, 2))
                     weights *= 1.0 - rates * l2
-                delta *= rates   # lr * gradient = X^T (lr * delta): scale the small factor
-                weights -= np.matmul(X_b.T, delta, out=step)
+                delta *= rates   # lr * gradient = (lr * delta)^T X: scale the small factor
+                weights -= np.matmul(delta.transpose(0, 2, 1).reshape(k * NUM_CLASSES, -1), X_b,
+                                     out=step).reshape(weights.shape)
                 bias -= delta.sum(axis=1)
                 loss_sum += loss * X_b.shape[0]   # the last, short batch weighs what it holds
             train_loss = loss_sum / n
-            finite = np.isfinite(train_loss) & np.isfinite(thetas).all(axis=(1, 2))
-            moving = np.sqrt(np.sum((thetas - before) ** 2, axis=(1, 2))) >= REFERENCE_TOL
-            val_acc, test_acc = accuracy(X_val, y_val, thetas), accuracy(X_te, y_te, thetas)
+            after = np.concatenate([weights.reshape(k, -1), bias], axis=1)
+            finite = np.isfinite(train_loss) & np.isfinite(after).all(axis=1)
+            moving = np.sqrt(np.sum((after - before) ** 2, axis=1)) >= REFERENCE_TOL
+            val_acc = _stack_accuracy(X_val, y_val, weights, bias)
+            test_acc = _stack_accuracy(X_te, y_te, weights, bias)
             seconds = time.perf_counter() - start
             for j, model in enumerate(active):
                 run = runs[model]
@@ -444,21 +443,38 @@ def _train_reference(X, L, X_te, y_te, config, lrs, progress, start, on_epoch=No
                 else:   # diverged: its accuracies would be those of NaN scores
                     _record(run["history"], train_loss[j], np.nan, np.nan, seconds)
                     run["diverged_epoch"] = epoch
-                run["theta"], run["epochs_run"] = thetas[j].copy(), epoch
+                run["theta"], run["epochs_run"] = np.vstack([weights[j].T, bias[j]]), epoch
             if progress:
                 bar.set_postfix(training=int(np.sum(finite & moving)),
                                 best_test=f"{np.max(test_acc[finite], initial=0.0):.4f}")
             if on_epoch:
                 on_epoch(epoch)
             keep = np.flatnonzero(finite & moving)   # diverged or settled models leave the stack
-            if len(keep) < len(active):
-                thetas, rates = thetas[keep], rates[keep]
+            if len(keep) < k:
+                weights, bias, rates = weights[keep], bias[keep], rates[keep]
                 active = [active[j] for j in keep]
             if not active:
                 break
     for run in runs:
         run["best_epoch"] = run["epochs_run"]
     return runs
+
+
+def _stack_scores(X, weights, bias):
+    """Scores of k stacked models (weights k x 10 x d, bias k x 10): k x n x 10, one batched
+    product that makes, per model, the call a lone model's product makes."""
+    return np.matmul(X, weights.transpose(0, 2, 1)) + bias[:, None, :]
+
+
+def _stack_accuracy(X, y, weights, bias):
+    """Accuracy of each stacked model. One wide product: its rounding may differ from a lone
+    model's in the last bit, which could change an argmax only on an exact tie of two scores,
+    and accuracy does not feed back into training."""
+    if X.shape[0] == 0:
+        return np.full(len(weights), np.nan)
+    k = len(weights)
+    scores = X @ weights.reshape(k * NUM_CLASSES, -1).T + bias.reshape(-1)
+    return np.mean(np.argmax(scores.reshape(len(X), k, NUM_CLASSES), axis=2) == y[:, None], axis=0)
 
 
 # --------------------------------------------------------------------- ROC, from scratch
