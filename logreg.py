@@ -653,11 +653,13 @@ def load_npz(path):
     """What save_npz wrote, checked: a damaged or foreign file is a UserError naming the problem."""
     if not os.path.isfile(path):
         raise UserError(f"{path!r} not found; run `make logreg` first")
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":   # what every zip archive, hence every .npz, starts with
+            raise UserError(f"{path!r} is not an .npz archive (not logreg's output); run `make logreg` again")
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError, AttributeError, zipfile.BadZipFile) as exc:
-        # AttributeError: a plain .npy loads as an array, which is no context manager
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise UserError(f"{path!r} is damaged or not logreg's ({type(exc).__name__}: {exc}); "
                         "run `make logreg` again") from None
     missing = sorted(NPZ_KEYS - set(data))

@@ -967,7 +967,7 @@ def test_logreg_plot_only_rejects_a_bad_npz_and_changes_no_file(damage, logreg_o
     (out / "logreg_metrics.json").write_bytes((root / "out" / "logreg_metrics.json").read_bytes())
     if damage != "absent":
         logreg_damaged_npz(out / "logreg.npz", root / "out" / "logreg.npz")[damage]()
-    expected = {"truncated": "damaged or not logreg's", "not_an_npz": "damaged or not logreg's",
+    expected = {"truncated": "damaged or not logreg's", "not_an_npz": "not an .npz archive",
                 "foreign": "lacks", "corrupt_config": "config_json is corrupt",
                 "wrong_shape": "test_probs has shape", "absent": "run `make logreg` first"}[damage]
     before = snapshot(out, figs)
@@ -1126,6 +1126,39 @@ def test_sweep_logreg_plot_only_rejects_a_bad_json(content, fragment, sweep_resu
     before = snapshot(tmp_path, figs)
     proc = sweep_run("--plot-only", "--out-dir", tmp_path, "--figures-dir", figs)
     assert_rejected(proc, before, [tmp_path, figs], fragment)
+
+
+def test_sweep_logreg_help_names_the_grid_flags():
+    proc = sweep_run("--help")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert all(flag in proc.stdout for flag in ("--batch-sizes", "--lrs", "--epochs", "--mode", "--plot-only"))
+
+
+SWEEP_SLOW_FIGURE = ("import sys, time\n"
+                     "import sweep_logreg, labio\n"
+                     "def slow(fig, path, **kw):\n"
+                     "    print('WRITING', flush=True); time.sleep(60)\n"
+                     "sweep_logreg.save_figure = slow\n"
+                     "sys.argv = ['sweep_logreg.py'] + sys.argv[1:]\n"
+                     "labio.run_main(sweep_logreg.main)\n")
+
+
+@pytest.mark.parametrize("when, marker", [("training", "sweep:"), ("figure", "WRITING")])
+def test_sweep_logreg_interrupt_leaves_every_output_complete_or_absent(sweep_result, tmp_path, when, marker):
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    epochs = "3000" if when == "training" else "2"   # long enough to be interrupted in training
+    code_, err = interrupt_at(marker, SWEEP_SLOW_FIGURE, ["--train-mat", sweep_result["train"], "--test-mat",
+                                                          sweep_result["test"], "--out-dir", out, "--figures-dir", figs,
+                                                          "--no-progress", "--epochs", epochs, "--jobs", "2"])
+    assert code_ == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    written, missing = err.split("not written:")
+    assert "sweep_logreg.png" in missing and leftovers(figs) == []
+    if when == "training":
+        assert "nothing was completed" in written and "sweep_logreg.json" in missing and leftovers(out) == []
+    else:
+        assert "completed:" in written and "sweep_logreg.json" in written
+        assert leftovers(out) == ["sweep_logreg.json"]
+        json.loads((out / "sweep_logreg.json").read_text())   # complete
 
 
 def test_sweep_logreg_make_target_reruns_only_when_a_variable_changes(sweep_result, tmp_path):
