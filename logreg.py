@@ -750,7 +750,8 @@ def plot_all(data, figures_dir):
     paths = []
 
     epochs = np.arange(1, len(data["test_acc"]) + 1)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    # Fixed margins instead of tight_layout, which costs a third of the drawing time here.
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), gridspec_kw=dict(left=0.11, right=0.97, bottom=0.11, top=0.86))
     ax.plot(epochs, data["test_acc"], marker=".", label="test accuracy")
     if np.any(np.isfinite(data["val_acc"])):
         ax.plot(epochs, data["val_acc"], marker=".", linestyle="--", label="validation accuracy")
@@ -760,14 +761,14 @@ def plot_all(data, figures_dir):
     ax.set(xlabel="epoch", ylabel="accuracy", title=f"Logistic regression ({mode}){suffix}")
     ax.grid(alpha=0.3)
     ax.legend()
-    paths.append(save_figure(fig, path("logreg_test_accuracy.png")))
+    paths.append(save_figure(fig, path("logreg_test_accuracy.png"), tight=False))
 
-    paths.append(save_figure(plot_roc(plt, data["test_labels"], data["test_probs"], suffix), path("roc.png")))
+    paths.append(save_figure(plot_roc(plt, data["test_labels"], data["test_probs"], suffix), path("roc.png"), tight=False))
 
     y_pred = np.argmax(data["test_probs"], axis=1)
     cm = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
     np.add.at(cm, (data["test_labels"], y_pred), 1)
-    fig, ax = plt.subplots(figsize=(6.4, 5.8))
+    fig, ax = plt.subplots(figsize=(6.4, 5.8), gridspec_kw=dict(left=0.1, right=0.9, bottom=0.09, top=0.89))
     im = ax.imshow(cm, cmap="Blues")
     for i in range(NUM_CLASSES):
         for j in range(NUM_CLASSES):
@@ -776,7 +777,7 @@ def plot_all(data, figures_dir):
     ax.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted", ylabel="true",
            title=f"Confusion matrix, accuracy {np.mean(y_pred == data['test_labels']):.4f}{suffix}")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    paths.append(save_figure(fig, path("confusion_matrix.png")))
+    paths.append(save_figure(fig, path("confusion_matrix.png"), tight=False))
     return paths
 
 
@@ -784,7 +785,8 @@ def plot_roc(plt, labels, probs, suffix):
     """The ROC curves twice: on linear axes, and with the false-positive rate on a log scale,
     where curves that all hug the corner (AUC 0.997) come apart."""
     roc = multiclass_roc(labels, probs)
-    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12.5, 6.0))
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(12.5, 6.0),
+                                   gridspec_kw=dict(left=0.055, right=0.985, bottom=0.09, top=0.89, wspace=0.16))
     n_negatives = len(labels) - np.bincount(labels, minlength=NUM_CLASSES).max()
     low = 1.0 / max(n_negatives, 1)   # the smallest non-zero FPR any class can reach
     for k, (fpr, tpr) in enumerate(roc["per_class"]):
