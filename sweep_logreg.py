@@ -102,11 +102,15 @@ def run_record(config, result, seconds):
     return record
 
 
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
 def _init_worker(progress_queue):
     # The parent handles Ctrl-C and SIGTERM and ends the workers; they must neither print a
     # traceback nor turn the parent's SIGTERM into an exception of their own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)   # blocked by the parent while it forked
     _SHARED["report"] = lambda epoch: progress_queue.put(1)
 
 
@@ -130,8 +134,13 @@ def run_all(data, cells, jobs, progress):
 def _run_parallel(work, jobs, bar):
     context = multiprocessing.get_context("fork")
     progress_queue = context.Queue()
-    pool = context.Pool(jobs, initializer=_init_worker, initargs=(progress_queue,))
+    # An interrupt in the middle of forking would land in fork's own handlers (and be lost), so
+    # interrupts wait until the pool stands and the cleanup below is sure to run.
+    unmasked = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    pool = None
     try:
+        pool = context.Pool(jobs, initializer=_init_worker, initargs=(progress_queue,))
+        signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
         pending = pool.map_async(run_task, work, chunksize=1)
         while not pending.ready():
             try:
@@ -140,8 +149,11 @@ def _run_parallel(work, jobs, bar):
                 pass
         return pending.get()
     finally:
-        pool.terminate()   # also on Ctrl-C: no worker outlives the sweep
-        pool.join()
+        signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)   # a second Ctrl-C must not cut the cleanup short
+        if pool is not None:
+            pool.terminate()   # also on Ctrl-C: no worker outlives the sweep
+            pool.join()
+        signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
 
 
 class _NoBar:
