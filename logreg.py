@@ -4,7 +4,7 @@ Reads the .mat files written by extract_features.py (``features`` m x 2048,
 ``labels`` 1 x m), trains a softmax classifier, and writes
 ``OUT/logreg.npz`` (everything the figures need), ``OUT/logreg_metrics.json``
 and three figures. Only numpy does the math; no library classifier and no
-library ROC.
+library ROC (the curves come from roc.py).
 
     python logreg.py                                  # artifacts/ -> artifacts/, figures/
     python logreg.py --reference                      # the assignment's own procedure
@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 from labio import (ArgumentParser, UserError, add_common_args, atomic_path, check_can_create,  # noqa: E402
                    ensure_writable_dir, nonnegative_float, plan_outputs, positive_float, positive_int, pyplot,
                    run_main, save_figure, versions, write_json)
+from roc import auc, multiclass_roc, roc_curve  # noqa: E402,F401  (logreg.roc_curve etc. stay importable)
 
 NUM_CLASSES = 10
 METADATA_KEYS = ("weights", "pretrained", "preprocessing", "image_size", "dtype",
@@ -475,77 +476,6 @@ def _stack_accuracy(X, y, weights, bias):
     k = len(weights)
     scores = X @ weights.reshape(k * NUM_CLASSES, -1).T + bias.reshape(-1)
     return np.mean(np.argmax(scores.reshape(len(X), k, NUM_CLASSES), axis=2) == y[:, None], axis=0)
-
-
-# --------------------------------------------------------------------- ROC, from scratch
-
-def roc_curve(y_true, score):
-    """ROC of one binary problem: (fpr, tpr, thresholds).
-
-    Thresholds are the distinct scores in decreasing order, preceded by +inf so
-    that the curve starts at (0, 0); tied scores move the curve in one step
-    (a diagonal segment), never in an order-dependent staircase. Every distinct
-    score gives a point (no collinear points are dropped).
-    """
-    y_true = np.asarray(y_true).reshape(-1).astype(bool)
-    score = np.asarray(score, dtype=np.float64).reshape(-1)
-    if y_true.shape != score.shape:
-        raise ValueError("y_true and score must have the same length")
-    order = np.argsort(-score, kind="stable")
-    score, y_true = score[order], y_true[order]
-    # last index of each run of equal scores: the curve's points
-    ends = np.r_[np.flatnonzero(np.diff(score)), score.size - 1]
-    tps = np.cumsum(y_true)[ends].astype(np.float64)
-    fps = (ends + 1) - tps
-    tps, fps = np.r_[0.0, tps], np.r_[0.0, fps]
-    with np.errstate(invalid="ignore", divide="ignore"):   # one class absent: nan, as sklearn
-        tpr = tps / tps[-1]
-        fpr = fps / fps[-1]
-    return fpr, tpr, np.r_[np.inf, score[ends]]
-
-
-def auc(x, y):
-    """Area under the curve (x, y) by the trapezoid rule; x must be monotonic."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    dx = np.diff(x)
-    direction = 1.0
-    if np.any(dx < 0):
-        if np.all(dx <= 0):
-            direction = -1.0
-        else:
-            raise ValueError("auc needs x sorted (increasing or decreasing)")
-    return direction * float(np.sum(dx * (y[1:] + y[:-1]) / 2.0))
-
-
-def multiclass_roc(labels, probs):
-    """One-vs-rest ROC per class, micro average (all class-score pairs pooled) and macro
-    average (mean of per-class AUCs; curve = mean of the per-class curves interpolated on
-    the union of their FPRs).
-
-    A class that no test sample has (or that every one has) has no one-vs-rest ROC: its AUC is
-    NaN, ``undefined`` maps it to the reason, and the macro average is over the other classes.
-    """
-    labels = np.asarray(labels).reshape(-1)
-    onehot = get_one_hot(labels)
-    curves, aucs, undefined = [], [], {}
-    for k in range(probs.shape[1]):
-        fpr, tpr, _ = roc_curve(onehot[:, k], probs[:, k])
-        curves.append((fpr, tpr))
-        aucs.append(auc(fpr, tpr))
-        positives = int(onehot[:, k].sum())
-        if positives in (0, len(labels)):
-            undefined[k] = f"{'no' if positives == 0 else 'every'} test sample is class {k}"
-    defined = [k for k in range(len(curves)) if k not in undefined]
-    micro_fpr, micro_tpr, _ = roc_curve(onehot.ravel(), probs.ravel())
-    grid = np.unique(np.concatenate([curves[k][0] for k in defined] or [[0.0, 1.0]]))
-    # np.interp on a curve with vertical jumps takes the upper tpr at the jump's fpr: fine on a grid
-    macro_tpr = np.mean([np.interp(grid, *curves[k]) for k in defined] or [np.full(grid.shape, np.nan)], axis=0)
-    return {
-        "per_class": curves, "per_class_auc": aucs, "undefined": undefined,
-        "micro": (micro_fpr, micro_tpr), "micro_auc": auc(micro_fpr, micro_tpr),
-        "macro": (grid, macro_tpr),
-        "macro_auc": float(np.mean([aucs[k] for k in defined])) if defined else math.nan,
-    }
 
 
 # --------------------------------------------------------------------- inputs

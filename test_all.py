@@ -23,6 +23,7 @@ sys.path.insert(0, HERE)
 
 import extract_features as ef  # noqa: E402
 import logreg  # noqa: E402
+import roc  # noqa: E402
 import sweep_logreg  # noqa: E402
 import vae  # noqa: E402
 
@@ -705,20 +706,20 @@ def test_logreg_roc_curve_matches_sklearn(seed):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, 300)
     score = logreg_tied_scores(rng, 300) + 0.3 * y * rng.integers(0, 2, 300)
-    fpr, tpr, thr = logreg.roc_curve(y, score)
+    fpr, tpr, thr = roc.roc_curve(y, score)
     sk_fpr, sk_tpr, sk_thr = sk_roc_curve(y, score, drop_intermediate=False)
     np.testing.assert_allclose(fpr, sk_fpr, rtol=0, atol=1e-12)
     np.testing.assert_allclose(tpr, sk_tpr, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(thr, sk_thr)
     assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
-    assert logreg.auc(fpr, tpr) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+    assert roc.auc(fpr, tpr) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
 
 
 def test_logreg_auc_is_the_trapezoid_rule():
-    assert logreg.auc([0, 0.5, 1], [0, 1, 1]) == pytest.approx(0.75, abs=1e-15)
-    assert logreg.auc([1, 0.5, 0], [1, 1, 0]) == pytest.approx(0.75, abs=1e-15)
+    assert roc.auc([0, 0.5, 1], [0, 1, 1]) == pytest.approx(0.75, abs=1e-15)
+    assert roc.auc([1, 0.5, 0], [1, 1, 0]) == pytest.approx(0.75, abs=1e-15)
     with pytest.raises(ValueError):
-        logreg.auc([0, 1, 0.5], [0, 1, 1])
+        roc.auc([0, 1, 0.5], [0, 1, 1])
 
 
 def logreg_ovr_problem(seed, n=500):
@@ -734,16 +735,16 @@ def test_logreg_multiclass_auc_matches_sklearn_ovr(seed):
     from sklearn.metrics import roc_auc_score
 
     y, probs = logreg_ovr_problem(seed)
-    roc = logreg.multiclass_roc(y, probs)
-    assert roc["macro_auc"] == pytest.approx(
+    result = roc.multiclass_roc(y, probs)
+    assert result["macro_auc"] == pytest.approx(
         roc_auc_score(y, probs, multi_class="ovr", average="macro"), abs=1e-12)
-    assert roc["micro_auc"] == pytest.approx(
+    assert result["micro_auc"] == pytest.approx(
         roc_auc_score(y, probs, multi_class="ovr", average="micro"), abs=1e-12)
     per_class = roc_auc_score(logreg.get_one_hot(y), probs, average=None)
-    np.testing.assert_allclose(roc["per_class_auc"], per_class, rtol=0, atol=1e-12)
-    grid, macro_tpr = roc["macro"]
+    np.testing.assert_allclose(result["per_class_auc"], per_class, rtol=0, atol=1e-12)
+    grid, macro_tpr = result["macro"]
     assert grid[0] == 0 and grid[-1] == 1 and np.all(np.diff(macro_tpr) >= 0)
-    assert roc["undefined"] == {}
+    assert result["undefined"] == {}
 
 
 def test_logreg_absent_class_has_no_auc_and_the_macro_skips_it():
@@ -751,12 +752,12 @@ def test_logreg_absent_class_has_no_auc_and_the_macro_skips_it():
 
     y, probs = logreg_ovr_problem(5)
     keep = y != 3
-    roc = logreg.multiclass_roc(y[keep], probs[keep])
-    assert math.isnan(roc["per_class_auc"][3]) and list(roc["undefined"]) == [3]
+    result = roc.multiclass_roc(y[keep], probs[keep])
+    assert math.isnan(result["per_class_auc"][3]) and list(result["undefined"]) == [3]
     others = [k for k in range(10) if k != 3]
     expected = roc_auc_score(logreg.get_one_hot(y[keep])[:, others], probs[keep][:, others], average="macro")
-    assert roc["macro_auc"] == pytest.approx(expected, abs=1e-12)
-    assert np.all(np.isfinite(roc["macro"][1]))
+    assert result["macro_auc"] == pytest.approx(expected, abs=1e-12)
+    assert np.all(np.isfinite(result["macro"][1]))
     fig = logreg.plot_roc(logreg.pyplot(), y[keep], probs[keep], "")
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "class 3: AUC undefined (no test sample is class 3)" in legend
@@ -786,7 +787,7 @@ def test_logreg_cli_writes_outputs_and_plot_only_redraws_the_same_pixels(logreg_
         assert json.loads(str(z["config_json"]))["epochs"] == 5
     m = json.loads((out / "logreg_metrics.json").read_text())
     assert m["test_accuracy"] == pytest.approx(np.mean(probs.argmax(axis=1) == labels))
-    assert m["auc"]["macro"] == pytest.approx(logreg.multiclass_roc(labels, probs)["macro_auc"])
+    assert m["auc"]["macro"] == pytest.approx(roc.multiclass_roc(labels, probs)["macro_auc"])
     assert m["weights"] == "random-init (WEIGHTS=none)" and m["random_init_weights"] is True
     assert m["config"]["mode"] == "default" and m["config"]["epochs"] == 5
     assert set(os.listdir(figs)) == set(logreg.FIGURES)
