@@ -59,7 +59,7 @@ $(FEATURES_MAT) &: extract_features.py labio.py $(OUT)/.features.args $(SETUP)
 
 logreg: $(OUT)/logreg.npz ## logistic regression + ROC on the features (and its figures)
 
-$(OUT)/logreg.npz: logreg.py labio.py $(FEATURES_MAT) $(SETUP)
+$(OUT)/logreg.npz: logreg.py roc.py labio.py $(FEATURES_MAT) $(SETUP)
 	$(PYTHON) logreg.py --train-mat $(OUT)/mnist_train.mat --test-mat $(OUT)/mnist_test.mat \
 	  --out-dir $(OUT) --figures-dir $(FIGURES)
 
@@ -75,7 +75,7 @@ sweep-logreg: $(OUT)/sweep_logreg.json $(FIGURES)/sweep_logreg.png ## batch size
 # The stamp re-runs the sweep when a SWEEP_* variable changes.
 $(OUT)/.sweep_logreg.args: STAMP = $(SWEEP_BATCH) $(SWEEP_LR) $(SWEEP_EPOCHS) $(SWEEP_MODE)
 
-$(OUT)/sweep_logreg.json: sweep_logreg.py logreg.py labio.py $(FEATURES_MAT) $(OUT)/.sweep_logreg.args $(SETUP)
+$(OUT)/sweep_logreg.json: sweep_logreg.py logreg.py roc.py labio.py $(FEATURES_MAT) $(OUT)/.sweep_logreg.args $(SETUP)
 	$(PYTHON) sweep_logreg.py --train-mat $(OUT)/mnist_train.mat --test-mat $(OUT)/mnist_test.mat \
 	  --out-dir $(OUT) --figures-dir $(FIGURES) --batch-sizes $(SWEEP_BATCH) --lrs $(SWEEP_LR) \
 	  --epochs $(SWEEP_EPOCHS) --mode $(SWEEP_MODE)
