@@ -267,8 +267,11 @@ def plot_sweep(sweep, figures_dir):
             ax = fig.add_subplot(small[i, j], sharex=first, sharey=first)
             first = first or ax
             _small_multiple(ax, runs[(b, lr)], best, bottom=i == len(batch_sizes) - 1, left=j == 0)
-    handles, labels = first.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", fontsize=8, ncol=2)
+    legend = {}   # one entry per label, whichever small multiple drew it
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="lower right", bbox_to_anchor=(0.98, 0.825), fontsize=8, ncol=3)
     mode = "the assignment's procedure (--reference)" if sweep["mode"] == "reference" else "default training"
     weights = ("features from RANDOM-INIT ResNet-50 weights (not pretrained)" if sweep["random_init_weights"]
                else f"ResNet-50 weights: {sweep['weights']}")
@@ -279,7 +282,7 @@ def plot_sweep(sweep, figures_dir):
         chosen = "no configuration finished without diverging"
     fig.suptitle(f"Logistic regression, batch size x learning rate, {sweep['epochs']} epochs, {mode}\n"
                  f"{weights}\n{chosen}", fontsize=11)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.82)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.79)
     return save_figure(fig, os.path.join(figures_dir, FIGURE_NAME), tight=False)
 
 
