@@ -80,9 +80,29 @@ $(OUT)/mnist_test.mat: $(OUT)/mnist_train.mat $(FEATURES_DEPS)
 
 logreg: $(OUT)/logreg.npz ## logistic regression + ROC on the features (and its figures)
 
-$(OUT)/logreg.npz: logreg.py labio.py $(FEATURES_MAT) $(SETUP)
+$(OUT)/logreg.npz: logreg.py roc.py labio.py $(FEATURES_MAT) $(SETUP)
 	$(PYTHON) logreg.py --train-mat $(OUT)/mnist_train.mat --test-mat $(OUT)/mnist_test.mat \
 	  --out-dir $(OUT) --figures-dir $(FIGURES)
+
+SWEEP_BATCH  ?= 16 64 256 1024## sweep-logreg: batch sizes of the grid
+SWEEP_LR     ?= 1e-4 1e-3 1e-2 1e-1## sweep-logreg: learning rates of the grid
+SWEEP_EPOCHS ?= 20## sweep-logreg: epochs per configuration
+SWEEP_MODE   ?= reference## sweep-logreg: reference (the assignment's procedure) or default (logreg.py's training)
+HELP_VARS    += SWEEP_BATCH SWEEP_LR SWEEP_EPOCHS SWEEP_MODE
+.PHONY: sweep-logreg
+
+sweep-logreg: $(OUT)/sweep_logreg.json $(FIGURES)/sweep_logreg.png ## batch size x learning rate grid of the classifier (SWEEP_* variables)
+
+# The stamp re-runs the sweep when a SWEEP_* variable changes.
+$(OUT)/.sweep_logreg.args: STAMP = $(SWEEP_BATCH) $(SWEEP_LR) $(SWEEP_EPOCHS) $(SWEEP_MODE)
+
+$(OUT)/sweep_logreg.json: sweep_logreg.py logreg.py roc.py labio.py $(FEATURES_MAT) $(OUT)/.sweep_logreg.args $(SETUP)
+	$(PYTHON) sweep_logreg.py --train-mat $(OUT)/mnist_train.mat --test-mat $(OUT)/mnist_test.mat \
+	  --out-dir $(OUT) --figures-dir $(FIGURES) --batch-sizes $(SWEEP_BATCH) --lrs $(SWEEP_LR) \
+	  --epochs $(SWEEP_EPOCHS) --mode $(SWEEP_MODE)
+
+$(FIGURES)/sweep_logreg.png: $(OUT)/sweep_logreg.json
+	$(PYTHON) sweep_logreg.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES)
 
 vae: $(OUT)/vae.pt ## train the VAE, 15 epochs (and its figures)
 

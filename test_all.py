@@ -23,6 +23,8 @@ sys.path.insert(0, HERE)
 
 import extract_features as ef  # noqa: E402
 import logreg  # noqa: E402
+import roc  # noqa: E402
+import sweep_logreg  # noqa: E402
 import vae  # noqa: E402
 
 # A proxy on a closed local port makes every download fail at once, whether or
@@ -802,10 +804,14 @@ def logreg_blobs(n, d, seed, spread=1.0, centers_seed=99):
 
 def logreg_write_mat(path, features, labels, **meta):
     sio.savemat(path, {"features": features, "labels": np.asarray(labels).reshape(1, -1), **meta})
+    return path
 
 
 def logreg_run(*args):
     return run_cli("logreg.py", "--no-progress", *args, timeout=120)
+
+
+LOGREG_RANDOM_INIT = {"weights": "random-init (WEIGHTS=none)", "pretrained": 0}
 
 
 @pytest.fixture
@@ -813,35 +819,57 @@ def logreg_mats(tmp_path):
     """A small train/test pair in the extractor's format, with random-init metadata."""
     X, y = logreg_blobs(600, 16, seed=1, spread=0.8)
     X_te, y_te = logreg_blobs(200, 16, seed=2, spread=0.8)
-    meta = {"weights": "random-init (WEIGHTS=none)", "pretrained": 0}
-    train, test = tmp_path / "train.mat", tmp_path / "test.mat"
-    logreg_write_mat(train, X, y, **meta)
-    logreg_write_mat(test, X_te, y_te, **meta)
-    return train, test
+    return (logreg_write_mat(tmp_path / "train.mat", X, y, **LOGREG_RANDOM_INIT),
+            logreg_write_mat(tmp_path / "test.mat", X_te, y_te, **LOGREG_RANDOM_INIT))
+
+
+def logreg_direct_loss(X, L, theta, l2=0.0):
+    """The mean softmax cross-entropy written out sample by sample with math.exp: an oracle that
+    shares no code with logreg.py (small scores only: no overflow guard)."""
+    W, b = theta[:-1], theta[-1]
+    total = 0.0
+    for x, onehot in zip(X, L):
+        scores = [float(np.dot(x, W[:, c]) + b[c]) for c in range(10)]
+        total += math.log(sum(math.exp(s) for s in scores)) - scores[int(np.argmax(onehot))]
+    return total / len(X) + 0.5 * l2 * float(np.sum(W ** 2))
+
+
+def logreg_direct_step(X, L, theta, lr):
+    """One gradient step written out plainly (softmax by math.exp): (new theta, batch loss)."""
+    W, b = theta[:-1], theta[-1]
+    grad = np.zeros_like(theta)
+    for x, onehot in zip(X, L):
+        scores = [float(np.dot(x, W[:, c]) + b[c]) for c in range(10)]
+        norm = sum(math.exp(s) for s in scores)
+        error = np.array([math.exp(s) / norm for s in scores]) - onehot
+        grad[:-1] += np.outer(x, error) / len(X)
+        grad[-1] += error / len(X)
+    return theta - lr * grad, logreg_direct_loss(X, L, theta)
 
 
 # --------------------------------------------------------------------- the classifier
 
 @pytest.mark.parametrize("l2", [0.0, 0.3])
-def test_logreg_gradient_matches_central_differences(l2):
+def test_logreg_loss_and_gradient_match_a_direct_formula_and_finite_differences(l2):
+    """loss_and_gradient against an independent oracle: the loss written out sample by sample,
+    and the gradient as central differences of that oracle (not of the code under test)."""
     rng = np.random.default_rng(0)
-    X = rng.standard_normal((30, 6))
-    L = logreg.get_one_hot(rng.integers(0, 10, 30))
-    theta = rng.standard_normal((7, 10))
-    _, grad = logreg.loss_and_gradient(X, L, theta, l2)
+    X = rng.standard_normal((12, 5))
+    L = logreg.get_one_hot(rng.integers(0, 10, 12))
+    theta = rng.standard_normal((6, 10))
+    loss, grad = logreg.loss_and_gradient(X, L, theta, l2)
+    assert loss == pytest.approx(logreg_direct_loss(X, L, theta, l2), rel=1e-12)
     h, numeric = 1e-6, np.zeros_like(theta)
     for idx in np.ndindex(theta.shape):
         step = np.zeros_like(theta)
         step[idx] = h
-        numeric[idx] = (logreg.loss_and_gradient(X, L, theta + step, l2)[0]
-                        - logreg.loss_and_gradient(X, L, theta - step, l2)[0]) / (2 * h)
-    rel = np.linalg.norm(grad - numeric) / np.linalg.norm(grad + numeric)
-    assert rel < 1e-6
-    # apply_gradients is exactly one descent step along that gradient
-    new, loss = logreg.apply_gradients(X, L, theta, 0.5)
-    if l2 == 0:
-        np.testing.assert_allclose(new, theta - 0.5 * grad, rtol=0, atol=1e-15)
-        assert loss == pytest.approx(logreg.loss_and_gradient(X, L, theta)[0])
+        numeric[idx] = (logreg_direct_loss(X, L, theta + step, l2)
+                        - logreg_direct_loss(X, L, theta - step, l2)) / (2 * h)
+    assert np.linalg.norm(grad - numeric) / np.linalg.norm(numeric) < 1e-7
+    if l2 == 0:   # apply_gradients: one descent step along that gradient, and the loss before it
+        new, step_loss = logreg.apply_gradients(X, L, theta, 0.5)
+        np.testing.assert_allclose(new, theta - 0.5 * numeric, rtol=0, atol=1e-8)
+        assert step_loss == pytest.approx(logreg_direct_loss(X, L, theta), rel=1e-12)
 
 
 def test_logreg_softmax_is_stable_for_huge_scores():
@@ -864,7 +892,8 @@ def test_logreg_one_hot_of_loadmat_row_vector(tmp_path):
 def test_logreg_separable_problem_is_learned_perfectly():
     X, y = logreg_blobs(1000, 20, seed=3, spread=10.0)
     X_te, y_te = logreg_blobs(300, 20, seed=4, spread=10.0)
-    probs = logreg.mlr(X, logreg.get_one_hot(y), X_te, logreg.get_one_hot(y_te), epochs=10)
+    probs = logreg.mlr(X, logreg.get_one_hot(y), X_te, logreg.get_one_hot(y_te),
+                       logreg.TrainConfig.for_mode("default", epochs=10))
     assert np.mean(probs.argmax(axis=1) == y_te) == 1.0
 
 
@@ -882,23 +911,55 @@ def test_logreg_accuracy_close_to_sklearn():
     assert abs(ours - ref) <= 0.01
 
 
-def test_logreg_reference_mode_uses_every_sample():
-    """The assignment's slice i:i+BATCH_SIZE-1 dropped one sample per batch; ours must not:
-    with one batch holding the whole set, one epoch is one full-batch gradient step."""
-    X, y = logreg_blobs(50, 4, seed=7)
+def test_logreg_reference_last_short_batch_counts_in_loss_and_gradient():
+    """n = 7 with batches of 3: batches 0-2, 3-5 and the short one, sample 6. The assignment's
+    X[i:i+BATCH_SIZE-1] would never train on some samples; here every one counts, in the step and
+    in the epoch's loss (each batch's mean weighted by its size)."""
+    X, y = logreg_blobs(7, 4, seed=7)
     L = logreg.get_one_hot(y)
-    out = logreg.train(X, L, X, L, reference=True, epochs=1, batch_size=50, lr=0.01, seed=3)
-    theta0 = 0.001 * np.random.default_rng(3).standard_normal((5, 10))
-    expected, _ = logreg.apply_gradients(X, L, theta0, 0.01)
-    np.testing.assert_allclose(out["theta"], expected, rtol=1e-12, atol=1e-15)
+    config = logreg.TrainConfig.for_mode("reference", epochs=1, batch_size=3, lr=0.05, seed=3)
+    out = logreg.train(X, L, X, L, config)
+    theta = 0.001 * np.random.default_rng(3).standard_normal((5, 10))   # the assignment's init
+    losses = []
+    for rows in (slice(0, 3), slice(3, 6), slice(6, 7)):
+        theta, loss = logreg_direct_step(X[rows].astype(np.float64), L[rows], theta, 0.05)
+        losses.append(loss)
+    np.testing.assert_allclose(out["theta"], theta, rtol=1e-10, atol=1e-14)
+    assert out["history"]["train_loss"] == [pytest.approx((3 * losses[0] + 3 * losses[1] + losses[2]) / 7, rel=1e-12)]
+    without_last, _ = logreg_direct_step(X[6:7].astype(np.float64), L[6:7], theta, -0.05)   # undo step 3
+    assert np.abs(out["theta"] - without_last).max() > 1e-6   # the short batch did move theta
+
+
+def test_logreg_reference_stops_when_theta_moves_less_than_1e_10():
+    """With all-zero features only the bias learns, so the oracle is a plain iteration of the
+    bias: b <- b - lr * (softmax(b) - mean label). The run must stop at the first epoch that moves
+    theta by less than 1e-10, well before its epoch limit."""
+    n, lr = 20, 5.0
+    L = logreg.get_one_hot(np.arange(n) % 10)
+    X = np.zeros((n, 3), dtype=np.float32)
+    config = logreg.TrainConfig.for_mode("reference", epochs=500, batch_size=n, lr=lr, seed=4)
+    out = logreg.train(X, L, X, L, config)
+    theta0 = 0.001 * np.random.default_rng(4).standard_normal((4, 10))
+    bias, expected = theta0[-1].copy(), None
+    for epoch in range(1, 501):
+        p = np.exp(bias - bias.max())
+        new = bias - lr * (p / p.sum() - L.mean(axis=0))
+        moved, bias = np.linalg.norm(new - bias), new
+        if moved < 1e-10:
+            expected = epoch
+            break
+    assert expected is not None and 10 < expected < 500
+    assert out["epochs_run"] == expected == len(out["history"]["train_loss"])
+    np.testing.assert_array_equal(out["theta"][:-1], theta0[:-1])   # no feature, no weight change
+    np.testing.assert_allclose(out["theta"][-1], bias, rtol=0, atol=1e-9)
 
 
 def test_logreg_same_seed_same_result():
     X, y = logreg_blobs(500, 12, seed=8, spread=0.5)
     L = logreg.get_one_hot(y)
-    a = logreg.train(X, L, X, L, epochs=3, seed=1)
-    b = logreg.train(X, L, X, L, epochs=3, seed=1)
-    c = logreg.train(X, L, X, L, epochs=3, seed=2)
+    a = logreg.train(X, L, X, L, logreg.TrainConfig.for_mode(epochs=3, seed=1))
+    b = logreg.train(X, L, X, L, logreg.TrainConfig.for_mode(epochs=3, seed=1))
+    c = logreg.train(X, L, X, L, logreg.TrainConfig.for_mode(epochs=3, seed=2))
     assert np.array_equal(a["theta"], b["theta"])
     assert a["history"]["test_acc"] == b["history"]["test_acc"]
     assert not np.array_equal(a["theta"], c["theta"])   # the seed does matter
@@ -917,6 +978,65 @@ def test_logreg_standardization_guards_constant_columns():
     np.testing.assert_array_equal(logreg.standardize(X, mean, scale), Xs)
 
 
+def test_logreg_train_config_checks_what_it_is_given():
+    config = logreg.TrainConfig.for_mode("reference", lr=0.01)
+    assert (config.lr, config.batch_size, config.val_fraction, config.patience) == (0.01, 64, 0.0, None)
+    from dataclasses import asdict
+
+    assert logreg.TrainConfig(**asdict(config)) == config   # what logreg.npz stores
+    for bad in (dict(epochs=0), dict(lr=-1.0), dict(val_fraction=1.0), dict(patience=3), dict(mode="fast")):
+        with pytest.raises(ValueError):
+            logreg.TrainConfig(**{**asdict(config), **bad})
+
+
+# --------------------------------------------------------------------- the assignment's own code
+
+def assignment_mlr(trfeature, tr_onehot, tefeature, te_onehot, apply_gradients, epochs, seed=0):
+    """The assignment's Q2 loop as it wrote it: theta d x 10 without a bias, 0.001 randn, batches
+    of 64 sliced X[i:endpos] with endpos = i + BATCH_SIZE - 1, stop when theta moves < 1e-10."""
+    BATCH_SIZE = 64
+    LR = 0.001
+    np.random.seed(seed)
+    theta = 0.001 * np.random.randn(trfeature.shape[1], 10)
+    for epoch in range(epochs):
+        theta_old = theta.copy()
+        for i in range(0, trfeature.shape[0], BATCH_SIZE):
+            endpos = i + BATCH_SIZE - 1
+            theta = apply_gradients(trfeature[i:endpos], tr_onehot[i:endpos], theta, LR)
+        if np.linalg.norm(theta - theta_old) < 1e-10:
+            break
+    pred = tefeature @ theta
+    predonehot = np.zeros_like(pred)
+    predonehot[np.arange(pred.shape[0]), np.argmax(pred, axis=1)] = 1
+    return predonehot
+
+
+def assignment_apply_gradients(X, L, theta, lr):
+    """The assignment's signature (theta without a bias row, returns the new theta) served by
+    logreg.apply_gradients: a zero bias row, dropped again, is exactly a model without bias."""
+    with_bias = np.vstack([theta, np.zeros((1, theta.shape[1]))])
+    new, _ = logreg.apply_gradients(X, L, with_bias, lr)
+    return new[:-1]
+
+
+@pytest.mark.skipif(not os.environ.get("MNIST_ROOT"), reason="set MNIST_ROOT to the real MNIST root")
+def test_logreg_assignment_q2_loop_runs_on_extracted_features(tmp_path):
+    """Real MNIST through extract_features.py (random-init weights, first 1000 images of each
+    split), then the assignment's own loading, get_one_hot and mlr loop: clearly above chance."""
+    proc = run_cli("extract_features.py", "--data-root", os.environ["MNIST_ROOT"], "--out-dir", tmp_path,
+                   "--weights", "none", "--limit", "1000")
+    assert proc.returncode == 0, proc.stderr
+    trmat = sio.loadmat(str(tmp_path / "mnist_train.mat"))
+    temat = sio.loadmat(str(tmp_path / "mnist_test.mat"))
+    trfeature, trlabel = trmat["features"], trmat["labels"]
+    tefeature, telabel = temat["features"], temat["labels"]
+    tr_onehot, te_onehot = assignment_get_one_hot(trlabel), assignment_get_one_hot(telabel)
+    np.testing.assert_array_equal(logreg.get_one_hot(trlabel), tr_onehot)   # ours reads the same row
+    predonehot = assignment_mlr(trfeature, tr_onehot, tefeature, te_onehot, assignment_apply_gradients, epochs=100)
+    accuracy = np.mean(np.argmax(predonehot, axis=1) == np.argmax(te_onehot, axis=1))
+    assert accuracy > 0.4, accuracy   # chance is 0.1; 0.54 when this test was written
+
+
 # --------------------------------------------------------------------- ROC against sklearn
 
 def logreg_tied_scores(rng, n):
@@ -933,45 +1053,74 @@ def test_logreg_roc_curve_matches_sklearn(seed):
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, 300)
     score = logreg_tied_scores(rng, 300) + 0.3 * y * rng.integers(0, 2, 300)
-    fpr, tpr, thr = logreg.roc_curve(y, score)
+    fpr, tpr, thr = roc.roc_curve(y, score)
     sk_fpr, sk_tpr, sk_thr = sk_roc_curve(y, score, drop_intermediate=False)
     np.testing.assert_allclose(fpr, sk_fpr, rtol=0, atol=1e-12)
     np.testing.assert_allclose(tpr, sk_tpr, rtol=0, atol=1e-12)
     np.testing.assert_array_equal(thr, sk_thr)
     assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
-    assert logreg.auc(fpr, tpr) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+    assert roc.auc(fpr, tpr) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
 
 
 def test_logreg_auc_is_the_trapezoid_rule():
-    assert logreg.auc([0, 0.5, 1], [0, 1, 1]) == pytest.approx(0.75, abs=1e-15)
-    assert logreg.auc([1, 0.5, 0], [1, 1, 0]) == pytest.approx(0.75, abs=1e-15)
+    assert roc.auc([0, 0.5, 1], [0, 1, 1]) == pytest.approx(0.75, abs=1e-15)
+    assert roc.auc([1, 0.5, 0], [1, 1, 0]) == pytest.approx(0.75, abs=1e-15)
     with pytest.raises(ValueError):
-        logreg.auc([0, 1, 0.5], [0, 1, 1])
+        roc.auc([0, 1, 0.5], [0, 1, 1])
+
+
+def logreg_ovr_problem(seed, n=500):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n)
+    counts = rng.multinomial(16, np.full(10, 0.1), size=n)
+    counts[np.arange(n), y] += rng.integers(0, 4, n)   # some signal
+    return y, counts / counts.sum(axis=1, keepdims=True)     # rows sum to 1, heavy ties
 
 
 @pytest.mark.parametrize("seed", range(3))
 def test_logreg_multiclass_auc_matches_sklearn_ovr(seed):
     from sklearn.metrics import roc_auc_score
 
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 10, 500)
-    counts = rng.multinomial(16, np.full(10, 0.1), size=500)
-    counts[np.arange(500), y] += rng.integers(0, 4, 500)   # some signal
-    probs = counts / counts.sum(axis=1, keepdims=True)     # rows sum to 1, heavy ties
-    roc = logreg.multiclass_roc(y, probs)
-    assert roc["macro_auc"] == pytest.approx(
+    y, probs = logreg_ovr_problem(seed)
+    result = roc.multiclass_roc(y, probs)
+    assert result["macro_auc"] == pytest.approx(
         roc_auc_score(y, probs, multi_class="ovr", average="macro"), abs=1e-12)
-    assert roc["micro_auc"] == pytest.approx(
+    assert result["micro_auc"] == pytest.approx(
         roc_auc_score(y, probs, multi_class="ovr", average="micro"), abs=1e-12)
     per_class = roc_auc_score(logreg.get_one_hot(y), probs, average=None)
-    np.testing.assert_allclose(roc["per_class_auc"], per_class, rtol=0, atol=1e-12)
-    grid, macro_tpr = roc["macro"]
+    np.testing.assert_allclose(result["per_class_auc"], per_class, rtol=0, atol=1e-12)
+    grid, macro_tpr = result["macro"]
     assert grid[0] == 0 and grid[-1] == 1 and np.all(np.diff(macro_tpr) >= 0)
+    assert result["undefined"] == {}
+
+
+def test_logreg_absent_class_has_no_auc_and_the_macro_skips_it():
+    from sklearn.metrics import roc_auc_score
+
+    y, probs = logreg_ovr_problem(5)
+    keep = y != 3
+    result = roc.multiclass_roc(y[keep], probs[keep])
+    assert math.isnan(result["per_class_auc"][3]) and list(result["undefined"]) == [3]
+    others = [k for k in range(10) if k != 3]
+    expected = roc_auc_score(logreg.get_one_hot(y[keep])[:, others], probs[keep][:, others], average="macro")
+    assert result["macro_auc"] == pytest.approx(expected, abs=1e-12)
+    assert np.all(np.isfinite(result["macro"][1]))
+    fig = logreg.plot_roc(logreg.pyplot(), y[keep], probs[keep], "")
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "class 3: AUC undefined (no test sample is class 3)" in legend
+    assert any(text.startswith("macro avg of 9 classes") for text in legend)
+    logreg.pyplot().close(fig)
 
 
 # --------------------------------------------------------------------- command line
 
-def test_logreg_cli_writes_outputs_and_replots(logreg_mats, tmp_path):
+def logreg_pixels(figs):
+    import matplotlib.image
+
+    return {name: matplotlib.image.imread(str(figs / name)) for name in logreg.FIGURES}
+
+
+def test_logreg_cli_writes_outputs_and_plot_only_redraws_the_same_pixels(logreg_mats, tmp_path):
     train, test = logreg_mats
     out, figs = tmp_path / "out", tmp_path / "figs"
     r = logreg_run("--train-mat", str(train), "--test-mat", str(test), "--out-dir", str(out),
@@ -985,16 +1134,74 @@ def test_logreg_cli_writes_outputs_and_replots(logreg_mats, tmp_path):
         assert json.loads(str(z["config_json"]))["epochs"] == 5
     m = json.loads((out / "logreg_metrics.json").read_text())
     assert m["test_accuracy"] == pytest.approx(np.mean(probs.argmax(axis=1) == labels))
-    assert m["auc"]["macro"] == pytest.approx(logreg.multiclass_roc(labels, probs)["macro_auc"])
+    assert m["auc"]["macro"] == pytest.approx(roc.multiclass_roc(labels, probs)["macro_auc"])
     assert m["weights"] == "random-init (WEIGHTS=none)" and m["random_init_weights"] is True
-    names = {"logreg_test_accuracy.png", "roc.png", "confusion_matrix.png"}
-    assert set(os.listdir(figs)) == names
+    assert m["config"]["mode"] == "default" and m["config"]["epochs"] == 5
+    assert set(os.listdir(figs)) == set(logreg.FIGURES)
     assert set(os.listdir(out)) == {"logreg.npz", "logreg_metrics.json"}   # no temp files left
-    for name in names:
+    first = logreg_pixels(figs)
+    for name in logreg.FIGURES:
         os.remove(figs / name)
     r = logreg_run("--plot-only", "--out-dir", str(out), "--figures-dir", str(figs))
     assert r.returncode == 0, r.stderr
-    assert set(os.listdir(figs)) == names
+    again = logreg_pixels(figs)
+    for name in logreg.FIGURES:
+        assert first[name].shape == again[name].shape and np.array_equal(first[name], again[name]), name
+
+
+def test_logreg_absent_test_class_writes_null_auc_and_says_why(tmp_path):
+    X, y = logreg_blobs(300, 8, seed=12)
+    X_te, y_te = logreg_blobs(200, 8, seed=13)
+    keep = y_te != 3
+    train = logreg_write_mat(tmp_path / "tr.mat", X, y)
+    test = logreg_write_mat(tmp_path / "te.mat", X_te[keep], y_te[keep])
+    r = logreg_run("--train-mat", train, "--test-mat", test, "--out-dir", tmp_path / "o",
+                   "--figures-dir", tmp_path / "f", "--epochs", "3")
+    assert r.returncode == 0, r.stderr
+    assert "over 9 classes: no test sample is class 3" in r.stdout
+    text = (tmp_path / "o" / "logreg_metrics.json").read_text()
+    auc = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))["auc"]
+    assert auc["per_class"]["3"] is None and "no test sample is class 3" in auc["undefined"]["3"]
+    assert auc["macro"] == pytest.approx(np.mean([v for k, v in auc["per_class"].items() if k != "3"]))
+
+
+def test_logreg_import_and_run_never_load_torch(logreg_mats, tmp_path):
+    train, test = logreg_mats
+    code = ("import sys, json, logreg\n"
+            "logreg.main(sys.argv[1:])\n"
+            "print('TORCH', 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code, "--train-mat", str(train), "--test-mat", str(test),
+                           "--out-dir", str(tmp_path / "o"), "--figures-dir", str(tmp_path / "f"),
+                           "--epochs", "2", "--no-progress"], capture_output=True, text=True, cwd=HERE,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "TORCH False" in proc.stdout
+    recorded = json.loads((tmp_path / "o" / "logreg_metrics.json").read_text())["versions"]
+    assert "numpy" in recorded and "torch" not in recorded
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_logreg_interrupt_after_the_metrics_leaves_every_output_complete_or_absent(logreg_mats, tmp_path, sig):
+    """Interrupted while logreg.npz is being written, i.e. after logreg_metrics.json: exit 130,
+    the message names what was completed and what was not, and nothing is half-written."""
+    train, test = logreg_mats
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    code = ("import sys, time, numpy as np\n"
+            "def slow(f, **arrays):\n"
+            "    f.write(b'x' * 1000); f.flush(); print('WRITING', flush=True); time.sleep(60)\n"
+            "np.savez = slow\n"
+            "import logreg, labio\n"
+            "sys.argv = ['logreg.py'] + sys.argv[1:]\n"
+            "labio.run_main(logreg.main)\n")
+    code_, err = interrupt_at("WRITING", code, ["--train-mat", train, "--test-mat", test, "--out-dir", out,
+                                                "--figures-dir", figs, "--epochs", "2", "--no-progress"], sig=sig)
+    assert code_ == 130 and "Traceback" not in err, err
+    line = err.strip()
+    assert "interrupted" in line and "completed:" in line and "logreg_metrics.json" in line.split("not written")[0]
+    assert "not written:" in line and "logreg.npz" in line.split("not written")[1], line
+    assert all(name in line.split("not written")[1] for name in logreg.FIGURES), line
+    assert leftovers(out) == ["logreg_metrics.json"] and leftovers(figs) == []
+    json.loads((out / "logreg_metrics.json").read_text())   # complete
 
 
 def test_logreg_metadata_is_optional(tmp_path):
@@ -1006,66 +1213,325 @@ def test_logreg_metadata_is_optional(tmp_path):
     assert not logreg.is_random_init(prov["train"])
 
 
-def logreg_bad_inputs(tmp_path):
-    """(name, train .mat path, test .mat path, extra args, expected text in the error)."""
-    X, y = logreg_blobs(100, 8, seed=11)
-    good = tmp_path / "good.mat"
-    logreg_write_mat(good, X, y)
-    cases = {}
-
-    def mat(name, **record):
-        path = tmp_path / f"{name}.mat"
-        sio.savemat(path, record)
-        return path
-
-    cases["missing"] = (tmp_path / "nope.mat", good, [], "make features")
-    cases["no_labels"] = (mat("no_labels", features=X), good, [], "labels")
-    cases["not_2d"] = (mat("not_2d", features=X.reshape(100, 2, 4), labels=y.reshape(1, -1)), good, [], "2-D")
-    cases["dims_differ"] = (good, mat("dims", features=X[:, :5], labels=y.reshape(1, -1)), [], "dimensions")
-    cases["label_count"] = (mat("count", features=X, labels=y[:99].reshape(1, -1)), good, [], "labels for")
-    bad = y.copy()
-    bad[3] = 10
-    cases["label_range"] = (mat("range", features=X, labels=bad.reshape(1, -1)), good, [], "0-9")
-    Xn = X.copy()
-    Xn[5, 2] = np.nan
-    cases["non_finite"] = (mat("nan", features=Xn, labels=y.reshape(1, -1)), good, [], "NaN")
-    big = mat("big", features=X * 1e10, labels=y.reshape(1, -1))
-    cases["loss_blows_up"] = (big, big, ["--lr", "1e300", "--epochs", "3"], "lower --lr")
-    cases["loss_blows_up_reference"] = (big, big, ["--reference", "--lr", "1e300", "--epochs", "3"],
-                                        "lower --lr")
-    return cases
-
-
-def test_logreg_input_errors_are_one_line_and_write_nothing(tmp_path):
-    for name, (train, test, extra, expected) in logreg_bad_inputs(tmp_path).items():
-        out, figs = tmp_path / f"out_{name}", tmp_path / f"figs_{name}"
-        r = logreg_run("--train-mat", str(train), "--test-mat", str(test), "--out-dir", str(out),
-                       "--figures-dir", str(figs), *extra)
-        assert r.returncode != 0, name
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and "Traceback" not in r.stderr, (name, r.stderr)
-        assert expected in lines[0], (name, lines[0])
-        assert not out.exists() and not figs.exists(), name
-
-
-def test_logreg_plot_only_without_npz_fails_clearly(tmp_path):
-    r = logreg_run("--plot-only", "--out-dir", str(tmp_path / "none"), "--figures-dir", str(tmp_path / "f"))
-    assert r.returncode != 0
-    assert len(r.stderr.strip().splitlines()) == 1 and "make logreg" in r.stderr
-    assert not (tmp_path / "f").exists()
-
-
 def test_logreg_help_works():
     r = logreg_run("--help")
     assert r.returncode == 0 and "--reference" in r.stdout and "--plot-only" in r.stdout
 
 
-def test_logreg_plot_only_rejects_a_foreign_npz(tmp_path):
-    np.savez(tmp_path / "logreg.npz", theta=np.zeros((3, 10)))
-    r = logreg_run("--plot-only", "--out-dir", str(tmp_path), "--figures-dir", str(tmp_path / "f"))
-    assert r.returncode != 0
-    assert len(r.stderr.strip().splitlines()) == 1 and "make logreg" in r.stderr
-    assert not (tmp_path / "f").exists()
+# --------------------------------------------------------------------- bad inputs
+
+@pytest.fixture(scope="module")
+def logreg_older_outputs(tmp_path_factory):
+    """Outputs of an earlier good run: a failing run must leave them as they are."""
+    root = tmp_path_factory.mktemp("logreg_older")
+    X, y = logreg_blobs(100, 8, seed=11)
+    good = logreg_write_mat(root / "good.mat", X, y, **LOGREG_RANDOM_INIT)
+    r = logreg_run("--train-mat", good, "--test-mat", good, "--out-dir", root / "out",
+                   "--figures-dir", root / "figs", "--epochs", "2")
+    assert r.returncode == 0, r.stderr
+    return root, X, y
+
+
+def logreg_damaged_npz(path, source):
+    """Ways to break a good logreg.npz, each written to ``path``."""
+    with np.load(source, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return {
+        "truncated": lambda: path.write_bytes(source.read_bytes()[:3000]),
+        "not_an_npz": lambda: path.write_bytes(b"just some text, not a zip archive\n"),
+        "foreign": lambda: np.savez(path, theta=np.zeros((3, 10))),
+        "corrupt_config": lambda: np.savez(path, **{**arrays, "config_json": np.array('{"mode": "default", "epo')}),
+        "wrong_shape": lambda: np.savez(path, **{**arrays, "test_probs": arrays["test_probs"][:, :7]}),
+    }
+
+
+LOGREG_BAD_CLI = {   # name: (extra args, fragment of the one-line error)
+    "epochs_zero": (["--epochs", "0"], "--epochs"),
+    "negative_lr": (["--lr", "-1"], "--lr"),
+    "val_fraction_one": (["--val-fraction", "1"], "--val-fraction"),
+    "patience_with_reference": (["--reference", "--patience", "3"], "--patience applies to the default"),
+    "no_training_rows": (["--val-fraction", "0.995"], "leaves no training rows"),
+    "reference_no_training_rows": (["--reference", "--val-fraction", "0.995"], "leaves no training rows"),
+    "loss_blows_up": (["--lr", "1e300", "--epochs", "3", "--train-mat", "{big}", "--test-mat", "{big}"],
+                      "lower --lr"),
+    "loss_blows_up_reference": (["--reference", "--lr", "1e300", "--epochs", "3", "--train-mat", "{big}",
+                                 "--test-mat", "{big}"], "lower --lr"),
+}
+LOGREG_BAD_MATS = {   # name: (train .mat record or path marker, fragment)
+    "missing": ("missing", "not found"),
+    "not_a_mat": ("garbage", "cannot read"),
+    "no_labels": ({"features": "X"}, "lacks the key(s) labels"),
+    "not_2d": ({"features": "X3", "labels": "y"}, "2-D"),
+    "label_count": ({"features": "X", "labels": "y99"}, "labels for"),
+    "label_range": ({"features": "X", "labels": "y10"}, "0-9"),
+    "non_finite": ({"features": "Xnan", "labels": "y"}, "NaN"),
+    "no_samples": ({"features": "X0", "labels": "y0"}, "no samples"),
+    "dims_differ": ({"features": "X5", "labels": "y"}, "dimensions"),
+    "weights_differ": ({"features": "X", "labels": "y", "weights": "file:/other.pth"}, "weights"),
+}
+
+
+def logreg_bad_mat(root, X, y, name, record):
+    path = root / f"bad_{name}.mat"
+    if record == "missing":
+        return root / "nope.mat"
+    if record == "garbage":
+        path.write_bytes(b"MATLAB? no: " + bytes(range(256)) * 8)
+        return path
+    values = {"X": X, "X3": X.reshape(100, 2, 4), "Xnan": np.where(np.arange(8) == 2, np.nan, X),
+              "X0": X[:0], "X5": X[:, :5], "y": y.reshape(1, -1), "y99": y[:99].reshape(1, -1),
+              "y10": np.where(np.arange(100) == 3, 10, y).reshape(1, -1), "y0": y[:0].reshape(1, 0)}
+    sio.savemat(path, {k: values.get(v, v) for k, v in record.items()})
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(LOGREG_BAD_CLI) + sorted(LOGREG_BAD_MATS))
+def test_logreg_bad_input_is_one_line_and_changes_no_file(name, logreg_older_outputs):
+    root, X, y = logreg_older_outputs
+    out, figs = root / "out", root / "figs"
+    good = root / "good.mat"
+    if name in LOGREG_BAD_CLI:
+        extra, fragment = LOGREG_BAD_CLI[name]
+        big = root / "big.mat"
+        if not big.exists():
+            logreg_write_mat(big, X * 1e10, y, **LOGREG_RANDOM_INIT)
+        extra = [str(a).format(big=big) for a in extra]
+        args = ["--train-mat", good, "--test-mat", good, *extra]
+    else:
+        record, fragment = LOGREG_BAD_MATS[name]
+        bad = logreg_bad_mat(root, X, y, name, record)
+        args = ["--train-mat", good if name == "dims_differ" or name == "weights_differ" else bad,
+                "--test-mat", bad if name in ("dims_differ", "weights_differ") else good]
+    before = snapshot(out, figs)
+    proc = logreg_run(*args, "--out-dir", out, "--figures-dir", figs)
+    assert_rejected(proc, before, [out, figs], fragment)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_an_npz", "foreign", "corrupt_config", "wrong_shape", "absent"])
+def test_logreg_plot_only_rejects_a_bad_npz_and_changes_no_file(damage, logreg_older_outputs, tmp_path):
+    root, _, _ = logreg_older_outputs
+    out, figs = tmp_path / "out", root / "figs"
+    out.mkdir()
+    (out / "logreg_metrics.json").write_bytes((root / "out" / "logreg_metrics.json").read_bytes())
+    if damage != "absent":
+        logreg_damaged_npz(out / "logreg.npz", root / "out" / "logreg.npz")[damage]()
+    expected = {"truncated": "damaged or not logreg's", "not_an_npz": "not an .npz archive",
+                "foreign": "lacks", "corrupt_config": "config_json is corrupt",
+                "wrong_shape": "test_probs has shape", "absent": "run `make logreg` first"}[damage]
+    before = snapshot(out, figs)
+    proc = logreg_run("--plot-only", "--out-dir", out, "--figures-dir", figs)
+    assert_rejected(proc, before, [out, figs], expected, "make logreg")
+
+
+def test_logreg_out_dir_that_is_a_file_is_rejected(logreg_older_outputs, tmp_path):
+    root, _, _ = logreg_older_outputs
+    (tmp_path / "afile").write_text("x")
+    before = snapshot(tmp_path)
+    proc = logreg_run("--train-mat", root / "good.mat", "--test-mat", root / "good.mat",
+                      "--out-dir", tmp_path / "afile" / "out", "--figures-dir", tmp_path / "figs")
+    assert_rejected(proc, before, [tmp_path], "not a directory")
+
+
+# --------------------------------------------------------------------- sweep_logreg.py
+
+SWEEP_GRID = ["--batch-sizes", "7", "32", "--lrs", "0.001", "0.05", "1e306", "--epochs", "6", "--val-fraction", "0.2"]
+
+
+def sweep_run(*args):
+    return run_cli("sweep_logreg.py", "--no-progress", *args, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def sweep_result(tmp_path_factory):
+    """One sweep on tiny data (230 rows: no batch size divides it) where lr 1e306 diverges."""
+    root = tmp_path_factory.mktemp("sweep")
+    X, y = logreg_blobs(230, 12, seed=21, spread=0.6)
+    X_te, y_te = logreg_blobs(90, 12, seed=22, spread=0.6)
+    train = logreg_write_mat(root / "train.mat", 3 * X, y, **LOGREG_RANDOM_INIT)
+    test = logreg_write_mat(root / "test.mat", 3 * X_te, y_te, **LOGREG_RANDOM_INIT)
+    out, figs = root / "out", root / "figs"
+    proc = sweep_run("--train-mat", train, "--test-mat", test, "--out-dir", out, "--figures-dir", figs,
+                     "--jobs", "2", *SWEEP_GRID)
+    assert proc.returncode == 0, proc.stderr
+    text = (out / "sweep_logreg.json").read_text()
+    sweep = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    return {"root": root, "train": train, "test": test, "out": out, "figs": figs, "sweep": sweep, "proc": proc}
+
+
+def sweep_cell(sweep, batch_size, lr):
+    return next(r for r in sweep["runs"] if (r["batch_size"], r["lr"]) == (batch_size, lr))
+
+
+def test_sweep_logreg_json_describes_the_grid_and_records_divergence(sweep_result):
+    sweep = sweep_result["sweep"]
+    assert set(sweep) >= {"kind", "mode", "epochs", "seed", "val_fraction", "grid", "weights",
+                          "random_init_weights", "provenance", "seconds", "best", "runs", "versions"}
+    assert (sweep["kind"], sweep["mode"], sweep["epochs"], sweep["val_fraction"]) == ("sweep_logreg", "reference", 6, 0.2)
+    assert sweep["grid"] == {"batch_size": [7, 32], "lr": [0.001, 0.05, 1e306]}
+    assert sweep["random_init_weights"] is True and sweep["provenance"]["test"]["weights"].startswith("random-init")
+    assert "torch" not in sweep["versions"]
+    assert [(r["batch_size"], r["lr"]) for r in sweep["runs"]] == [(b, lr) for b in (7, 32) for lr in (0.001, 0.05, 1e306)]
+    for run in sweep["runs"]:
+        if run["lr"] == 1e306:   # a result, not a crash
+            assert run["diverged"] and run["diverged_epoch"] == len(run["train_loss"]) <= 2
+            assert run["train_loss"][-1] is None and run["final_test_acc"] is None and run["final_val_acc"] is None
+        else:
+            assert not run["diverged"] and run["diverged_epoch"] is None
+            assert len(run["train_loss"]) == len(run["val_acc"]) == len(run["test_acc"]) == 6
+            assert run["final_test_acc"] == run["test_acc"][-1] and run["seconds"] > 0
+    assert "diverged at epoch" in sweep_result["proc"].stdout
+
+
+def test_sweep_logreg_best_is_chosen_on_validation_never_on_test(sweep_result):
+    sweep = sweep_result["sweep"]
+    finished = [r for r in sweep["runs"] if not r["diverged"]]
+    best_val = max(v for r in finished for v in r["val_acc"])
+    best = sweep["best"]
+    run = sweep_cell(sweep, best["batch_size"], best["lr"])
+    assert best["val_acc"] == best_val == run["val_acc"][best["epoch"] - 1]
+    assert best["test_acc"] == run["test_acc"][best["epoch"] - 1]
+    # the rule itself, where validation and test disagree and the best test run diverged later
+    runs = [{"batch_size": 1, "lr": 1.0, "diverged": False, "val_acc": [0.5, 0.7], "test_acc": [0.9, 0.6]},
+            {"batch_size": 1, "lr": 2.0, "diverged": False, "val_acc": [0.6, 0.65], "test_acc": [0.95, 0.99]},
+            {"batch_size": 2, "lr": 1.0, "diverged": True, "val_acc": [0.9, None], "test_acc": [0.99, None]}]
+    assert sweep_logreg.best_run(runs) == {"batch_size": 1, "lr": 1.0, "val_acc": 0.7, "test_acc": 0.6, "epoch": 2}
+
+
+@pytest.mark.parametrize("batch_size, lr", [(7, 0.05), (32, 0.001)])
+def test_sweep_logreg_run_equals_a_lone_reference_run(sweep_result, tmp_path, batch_size, lr):
+    """Trained together with the other rates of its batch size (and beside a diverging one), a
+    configuration's history is the one a lone `logreg.py --reference` run computes."""
+    proc = logreg_run("--reference", "--batch-size", batch_size, "--lr", lr, "--epochs", "6", "--val-fraction", "0.2",
+                      "--train-mat", sweep_result["train"], "--test-mat", sweep_result["test"],
+                      "--out-dir", tmp_path, "--figures-dir", tmp_path / "f")
+    assert proc.returncode == 0, proc.stderr
+    run = sweep_cell(sweep_result["sweep"], batch_size, lr)
+    with np.load(tmp_path / "logreg.npz") as lone:
+        for key in ("train_loss", "val_acc", "test_acc"):
+            np.testing.assert_allclose(run[key], lone[key], rtol=1e-9, atol=0, err_msg=key)
+
+
+def test_sweep_logreg_one_job_gives_the_same_runs_and_default_mode_matches_logreg(sweep_result, tmp_path):
+    args = ["--train-mat", sweep_result["train"], "--test-mat", sweep_result["test"], "--figures-dir", tmp_path / "f"]
+    proc = sweep_run(*args, "--out-dir", tmp_path / "one", "--jobs", "1", *SWEEP_GRID)
+    assert proc.returncode == 0, proc.stderr
+    one = json.loads((tmp_path / "one" / "sweep_logreg.json").read_text())
+    strip = lambda runs: [{k: v for k, v in r.items() if k != "seconds"} for r in runs]  # noqa: E731
+    assert strip(one["runs"]) == strip(sweep_result["sweep"]["runs"])
+    proc = sweep_run(*args, "--out-dir", tmp_path / "dflt", "--mode", "default", "--batch-sizes", "16",
+                     "--lrs", "0.05", "--epochs", "4", "--val-fraction", "0.2")
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads((tmp_path / "dflt" / "sweep_logreg.json").read_text())["runs"][0]
+    proc = logreg_run(*args, "--out-dir", tmp_path / "lone", "--batch-size", "16", "--lr", "0.05", "--epochs", "4",
+                      "--val-fraction", "0.2")
+    assert proc.returncode == 0, proc.stderr
+    with np.load(tmp_path / "lone" / "logreg.npz") as lone:
+        np.testing.assert_allclose(run["test_acc"], lone["test_acc"], rtol=1e-9, atol=0)
+        np.testing.assert_allclose(run["train_loss"], lone["train_loss"], rtol=1e-9, atol=0)
+
+
+def test_sweep_logreg_plot_only_redraws_the_same_pixels(sweep_result, tmp_path):
+    import matplotlib.image
+
+    first = matplotlib.image.imread(str(sweep_result["figs"] / "sweep_logreg.png"))
+    proc = sweep_run("--plot-only", "--out-dir", sweep_result["out"], "--figures-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(first, matplotlib.image.imread(str(tmp_path / "sweep_logreg.png")))
+
+
+SWEEP_BAD_FLAGS = {
+    "batch_zero": (["--batch-sizes", "0"], "--batch-sizes"),
+    "negative_lr": (["--lrs", "-0.1"], "--lrs"),
+    "no_lr": (["--lrs"], "--lrs"),
+    "repeated_lr": (["--lrs", "0.01", "0.01"], "0.01 more than once"),
+    "mode": (["--mode", "fast"], "--mode"),
+    "no_validation": (["--val-fraction", "0"], "chosen on validation"),
+    "epochs_zero": (["--epochs", "0"], "--epochs"),
+    "jobs_zero": (["--jobs", "0"], "--jobs"),
+    "no_training_rows": (["--val-fraction", "0.999"], "leaves no training rows"),
+    "missing_mat": (["--train-mat", "{root}/nope.mat"], "not found"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SWEEP_BAD_FLAGS))
+def test_sweep_logreg_bad_input_is_one_line_and_changes_no_file(name, sweep_result):
+    flags, fragment = SWEEP_BAD_FLAGS[name]
+    out, figs = sweep_result["out"], sweep_result["figs"]
+    flags = [f.format(root=sweep_result["root"]) for f in flags]
+    before = snapshot(out, figs)
+    proc = sweep_run("--train-mat", sweep_result["train"], "--test-mat", sweep_result["test"], "--out-dir", out,
+                     "--figures-dir", figs, "--epochs", "2", *flags)
+    assert_rejected(proc, before, [out, figs], fragment)
+
+
+@pytest.mark.parametrize("content, fragment", [(None, "make sweep-logreg` first"), ("{not json", "as JSON"),
+                                               ('{"kind": "sweep_logreg"}', "lacks"),
+                                               ('{"kind": "something else"}', "not a sweep_logreg")])
+def test_sweep_logreg_plot_only_rejects_a_bad_json(content, fragment, sweep_result, tmp_path):
+    if content is not None:
+        (tmp_path / "sweep_logreg.json").write_text(content)
+    figs = sweep_result["figs"]
+    before = snapshot(tmp_path, figs)
+    proc = sweep_run("--plot-only", "--out-dir", tmp_path, "--figures-dir", figs)
+    assert_rejected(proc, before, [tmp_path, figs], fragment)
+
+
+def test_sweep_logreg_help_names_the_grid_flags():
+    proc = sweep_run("--help")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert all(flag in proc.stdout for flag in ("--batch-sizes", "--lrs", "--epochs", "--mode", "--plot-only"))
+
+
+SWEEP_SLOW_FIGURE = ("import sys, time\n"
+                     "import sweep_logreg, labio\n"
+                     "def slow(fig, path, **kw):\n"
+                     "    print('WRITING', flush=True); time.sleep(60)\n"
+                     "sweep_logreg.save_figure = slow\n"
+                     "sys.argv = ['sweep_logreg.py'] + sys.argv[1:]\n"
+                     "labio.run_main(sweep_logreg.main)\n")
+
+
+@pytest.mark.parametrize("when, marker", [("training", "sweep:"), ("figure", "WRITING")])
+def test_sweep_logreg_interrupt_leaves_every_output_complete_or_absent(sweep_result, tmp_path, when, marker):
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    epochs = "3000" if when == "training" else "2"   # long enough to be interrupted in training
+    code_, err = interrupt_at(marker, SWEEP_SLOW_FIGURE, ["--train-mat", sweep_result["train"], "--test-mat",
+                                                          sweep_result["test"], "--out-dir", out, "--figures-dir", figs,
+                                                          "--no-progress", "--epochs", epochs, "--jobs", "2"])
+    assert code_ == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    written, missing = err.split("not written:")
+    assert "sweep_logreg.png" in missing and leftovers(figs) == []
+    if when == "training":
+        assert "nothing was completed" in written and "sweep_logreg.json" in missing and leftovers(out) == []
+    else:
+        assert "completed:" in written and "sweep_logreg.json" in written
+        assert leftovers(out) == ["sweep_logreg.json"]
+        json.loads((out / "sweep_logreg.json").read_text())   # complete
+
+
+def test_sweep_logreg_make_target_reruns_only_when_a_variable_changes(sweep_result, tmp_path):
+    """`make sweep-logreg` on up-to-date features: runs once, then does nothing, then runs again
+    when SWEEP_EPOCHS changes (the .sweep_logreg.args stamp)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for split in ("train", "test"):
+        (out / f"mnist_{split}.mat").write_bytes(sweep_result[split].read_bytes())
+    (out / ".features.args").write_text("data IMAGENET1K_V1  auto\n")   # the defaults' stamp
+    os.utime(out / ".features.args", (time.time() - 60, time.time() - 60))   # older than the features
+    make = ["make", "-s", "sweep-logreg", f"PYTHON={sys.executable}", f"OUT={out}", f"FIGURES={tmp_path / 'figs'}",
+            "SWEEP_BATCH=7 32", "SWEEP_LR=0.001 0.05"]
+
+    def run(*extra):
+        proc = subprocess.run([*make, *extra], capture_output=True, text=True, cwd=HERE, timeout=180)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert "wrote" in run("SWEEP_EPOCHS=2")
+    assert json.loads((out / "sweep_logreg.json").read_text())["epochs"] == 2
+    assert (tmp_path / "figs" / "sweep_logreg.png").exists()
+    assert run("SWEEP_EPOCHS=2") == ""
+    assert "wrote" in run("SWEEP_EPOCHS=3")
+    assert json.loads((out / "sweep_logreg.json").read_text())["epochs"] == 3
 
 
 # =========================================================================

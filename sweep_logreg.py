@@ -1,0 +1,412 @@
+"""`make sweep-logreg`: the assignment's "modify BATCH_SIZE / LR to see change in performance"
+as one grid of logreg.py trainings, recorded epoch by epoch and drawn on one figure.
+
+    python sweep_logreg.py                                # batch {16,64,256,1024} x lr {1e-4..1e-1}, 20 epochs
+    python sweep_logreg.py --batch-sizes 64 256 --lrs 1e-3 1e-2 --epochs 5
+    python sweep_logreg.py --mode default                # logreg.py's default training instead
+    python sweep_logreg.py --plot-only                   # re-render the figure from the JSON
+
+Each configuration trains on the training rows left after a validation split carved from the
+training set (--val-fraction, the same rows for all), and records per epoch its training loss,
+validation accuracy and test accuracy. The best configuration (and epoch) is chosen on
+validation accuracy, never on test accuracy. A non-finite loss is a result: that configuration
+is marked diverged at that epoch, and the others go on.
+
+In the reference mode (the assignment's procedure, the default) the configurations that share a
+batch size see the same batches in the same order from the same initial theta, so they train
+together (logreg.train_reference_lrs), and the batch sizes train in parallel processes
+(--jobs). A configuration's history equals a lone `logreg.py --reference --batch-size B --lr LR
+--epochs E --val-fraction F` run of it.
+
+Outputs: OUT/sweep_logreg.json, then FIGURES/sweep_logreg.png.
+"""
+import logreg  # first: it asks for one BLAS thread before numpy loads (see there)
+
+import json  # noqa: E402  (stdlib after logreg on purpose, see above)
+import math  # noqa: E402
+import multiprocessing  # noqa: E402
+import os  # noqa: E402
+import queue  # noqa: E402
+import signal  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from labio import (ArgumentParser, UserError, add_common_args, check_can_create, ensure_writable_dir,  # noqa: E402
+                   plan_outputs, positive_float, positive_int, pyplot, run_main, save_figure, versions,
+                   write_json)
+
+GRID_DEFAULTS = {"batch_size": [16, 64, 256, 1024], "lr": [1e-4, 1e-3, 1e-2, 1e-1]}
+EPOCHS, VAL_FRACTION = 20, 0.1
+JSON_NAME, FIGURE_NAME = "sweep_logreg.json", "sweep_logreg.png"
+SECONDS_NOTE = ("wall seconds of the training call that produced the run; in the reference mode the "
+                "learning rates of one batch size train together, so they share one number")
+HISTORY_KEYS = ("train_loss", "val_acc", "test_acc")
+
+
+# --------------------------------------------------------------------- training
+
+def configs(mode, batch_sizes, lrs, epochs, seed, val_fraction):
+    """The TrainConfig of every grid cell, batch size major."""
+    return [logreg.TrainConfig.for_mode(mode, epochs=epochs, batch_size=b, lr=lr, seed=seed,
+                                        val_fraction=val_fraction)
+            for b in batch_sizes for lr in lrs]
+
+
+def tasks(cells):
+    """Units of work: in the reference mode one per batch size (its learning rates train together),
+    in the default mode one per configuration. Each is a list of TrainConfigs."""
+    if cells[0].reference:
+        groups = {}
+        for config in cells:
+            groups.setdefault(config.batch_size, []).append(config)
+        return list(groups.values())
+    return [[config] for config in cells]
+
+
+_SHARED = {}   # set before the workers fork: they inherit the data instead of reloading 0.5 GB
+
+
+def run_task(group):
+    """Train one task's configurations; returns one run record per configuration (grid order)."""
+    X, L, X_te, L_te = _SHARED["data"]
+    report = _SHARED["report"]
+    start = time.perf_counter()
+    if group[0].reference:
+        results = logreg.train_reference_lrs(X, L, X_te, L_te, group[0], [c.lr for c in group],
+                                             on_epoch=report)
+    else:
+        results = [_train_default(X, L, X_te, L_te, group[0], report)]
+    seconds = time.perf_counter() - start
+    return [run_record(config, result, seconds) for config, result in zip(group, results)]
+
+
+def _train_default(X, L, X_te, L_te, config, report):
+    try:
+        return logreg.train(X, L, X_te, L_te, config, on_epoch=report)
+    except logreg.Diverged as exc:
+        return {"history": exc.history, "diverged_epoch": exc.epoch}
+
+
+def run_record(config, result, seconds):
+    hist = result["history"]
+    diverged = result.get("diverged_epoch")
+    if diverged and len(hist["train_loss"]) < diverged:   # the default training raises before recording
+        for key in HISTORY_KEYS:
+            hist[key].append(math.nan)
+    record = {"batch_size": config.batch_size, "lr": config.lr, "diverged": bool(diverged),
+              "diverged_epoch": diverged, "seconds": seconds}
+    record.update({key: [logreg.finite_or_none(v) for v in hist[key]] for key in HISTORY_KEYS})
+    record["final_val_acc"] = None if diverged else record["val_acc"][-1]
+    record["final_test_acc"] = None if diverged else record["test_acc"][-1]
+    return record
+
+
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _init_worker(progress_queue):
+    # The parent handles Ctrl-C and SIGTERM and ends the workers; they must neither print a
+    # traceback nor turn the parent's SIGTERM into an exception of their own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)   # blocked by the parent while it forked
+    _SHARED["report"] = lambda epoch: progress_queue.put(1)
+
+
+def run_all(data, cells, jobs, progress):
+    """Every grid cell's run record, in grid order; tasks run in ``jobs`` forked processes."""
+    work = tasks(cells)
+    bar = _bar(len(work) * cells[0].epochs, progress)
+    _SHARED["data"] = data
+    try:
+        if jobs == 1 or len(work) == 1 or "fork" not in multiprocessing.get_all_start_methods():
+            _SHARED["report"] = lambda epoch: bar.update(1)
+            done = [run_task(group) for group in work]
+        else:
+            done = _run_parallel(work, min(jobs, len(work)), bar)
+    finally:
+        bar.close()
+        _SHARED.clear()
+    return [record for group in done for record in group]
+
+
+def _run_parallel(work, jobs, bar):
+    context = multiprocessing.get_context("fork")
+    progress_queue = context.Queue()
+    # An interrupt in the middle of forking would land in fork's own handlers (and be lost), so
+    # interrupts wait until the pool stands and the cleanup below is sure to run.
+    unmasked = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    pool = None
+    try:
+        pool = context.Pool(jobs, initializer=_init_worker, initargs=(progress_queue,))
+        signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
+        pending = pool.map_async(run_task, work, chunksize=1)
+        while not pending.ready():
+            try:
+                bar.update(progress_queue.get(timeout=0.2))
+            except queue.Empty:
+                pass
+        return pending.get()
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)   # a second Ctrl-C must not cut the cleanup short
+        if pool is not None:
+            pool.terminate()   # also on Ctrl-C: no worker outlives the sweep
+            pool.join()
+        signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
+
+
+class _NoBar:
+    def update(self, n=1):
+        pass
+
+    def close(self):
+        pass
+
+
+def _bar(total, enabled):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc="sweep", unit="epoch", dynamic_ncols=True)
+
+
+def best_run(runs):
+    """(run, epoch) with the highest validation accuracy over every epoch of every run that did not
+    diverge; ties go to the earlier configuration in the grid, then the earlier epoch."""
+    best = None
+    for run in runs:
+        if run["diverged"]:
+            continue
+        for epoch, val in enumerate(run["val_acc"], start=1):
+            if val is not None and (best is None or val > best[0]):
+                best = (val, run, epoch)
+    if best is None:
+        return None
+    val, run, epoch = best
+    return {"batch_size": run["batch_size"], "lr": run["lr"], "val_acc": val,
+            "test_acc": run["test_acc"][epoch - 1], "epoch": epoch}
+
+
+# --------------------------------------------------------------------- the JSON
+
+def sweep_json(args, runs, provenance, seconds):
+    meta = provenance["train"]
+    return {
+        "kind": "sweep_logreg", "mode": args.mode, "epochs": args.epochs, "seed": args.seed,
+        "val_fraction": args.val_fraction, "grid": {"batch_size": args.batch_sizes, "lr": args.lrs},
+        "weights": meta["weights"], "random_init_weights": logreg.is_random_init(meta),
+        "provenance": provenance, "seconds": seconds, "jobs": args.jobs, "seconds_note": SECONDS_NOTE,
+        "best": best_run(runs), "runs": runs, "versions": versions(),
+    }
+
+
+SWEEP_KEYS = {"kind", "mode", "epochs", "seed", "val_fraction", "grid", "weights", "random_init_weights",
+              "provenance", "seconds", "best", "runs", "versions"}
+RUN_KEYS = {"batch_size", "lr", "diverged", "diverged_epoch", "seconds", "train_loss", "val_acc", "test_acc",
+            "final_val_acc", "final_test_acc"}
+
+
+def load_sweep(path):
+    """The sweep JSON, checked enough to draw it: a damaged or foreign file is a UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path!r} not found; run `make sweep-logreg` first")
+    try:
+        with open(path) as f:
+            sweep = json.load(f)
+    except (OSError, ValueError) as exc:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UserError(f"cannot read {path!r} as JSON ({exc}); run `make sweep-logreg` again") from None
+    problem = _sweep_problem(sweep)
+    if problem:
+        raise UserError(f"{path!r}: {problem}; run `make sweep-logreg` again")
+    return sweep
+
+
+def _sweep_problem(sweep):
+    if not isinstance(sweep, dict) or sweep.get("kind") != "sweep_logreg":
+        return "not a sweep_logreg result"
+    missing = sorted(SWEEP_KEYS - set(sweep))
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    grid = sweep["grid"]
+    if not (isinstance(grid, dict) and all(isinstance(grid.get(k), list) and grid[k] for k in ("batch_size", "lr"))):
+        return "its grid is not two non-empty lists, batch_size and lr"
+    cells = [(b, lr) for b in grid["batch_size"] for lr in grid["lr"]]
+    runs = sweep["runs"]
+    if not isinstance(runs, list) or any(not isinstance(r, dict) or RUN_KEYS - set(r) for r in runs):
+        return f"its runs must each hold {', '.join(sorted(RUN_KEYS))}"
+    if [(r["batch_size"], r["lr"]) for r in runs] != cells:
+        return "its runs do not match its grid"
+    for r in runs:
+        lengths = {len(r[k]) if isinstance(r[k], list) else -1 for k in HISTORY_KEYS}
+        if len(lengths) != 1 or -1 in lengths or not all(
+                v is None or isinstance(v, (int, float)) for k in HISTORY_KEYS for v in r[k]):
+            return f"the run batch {r['batch_size']}, lr {r['lr']} has malformed histories"
+    if not isinstance(sweep["provenance"], dict) or "weights" not in sweep["provenance"].get("train", {}):
+        return "its provenance is corrupt"
+    return None
+
+
+# --------------------------------------------------------------------- the figure
+
+def plot_sweep(sweep, figures_dir):
+    """Heatmap of final test accuracy over the grid, beside small multiples of validation and test
+    accuracy per epoch for each configuration; the best one (on validation) is outlined."""
+    plt = pyplot()
+    ensure_writable_dir(figures_dir)
+    batch_sizes, lrs = sweep["grid"]["batch_size"], sweep["grid"]["lr"]
+    runs = {(r["batch_size"], r["lr"]): r for r in sweep["runs"]}
+    best = sweep["best"]
+    fig = plt.figure(figsize=(6.0 + 2.4 * len(lrs), max(6.0, 1.9 * len(batch_sizes) + 1.8)))
+    outer = fig.add_gridspec(1, 2, width_ratios=[1.0, 0.5 * len(lrs) + 0.4], wspace=0.25)
+    _heatmap(fig.add_subplot(outer[0]), batch_sizes, lrs, runs, best)
+    small = outer[1].subgridspec(len(batch_sizes), len(lrs), hspace=0.55, wspace=0.15)
+    first = None
+    for i, b in enumerate(batch_sizes):
+        for j, lr in enumerate(lrs):
+            ax = fig.add_subplot(small[i, j], sharex=first, sharey=first)
+            first = first or ax
+            _small_multiple(ax, runs[(b, lr)], best, bottom=i == len(batch_sizes) - 1, left=j == 0)
+    legend = {}   # one entry per label, whichever small multiple drew it
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="lower right", bbox_to_anchor=(0.98, 0.825), fontsize=8, ncol=3)
+    mode = "the assignment's procedure (--reference)" if sweep["mode"] == "reference" else "default training"
+    weights = ("features from RANDOM-INIT ResNet-50 weights (not pretrained)" if sweep["random_init_weights"]
+               else f"ResNet-50 weights: {sweep['weights']}")
+    if best:
+        chosen = (f"best on validation: batch {best['batch_size']}, lr {best['lr']:g}, epoch {best['epoch']} "
+                  f"(validation {best['val_acc']:.4f}, test {best['test_acc']:.4f})")
+    else:
+        chosen = "no configuration finished without diverging"
+    fig.suptitle(f"Logistic regression, batch size x learning rate, {sweep['epochs']} epochs, {mode}\n"
+                 f"{weights}\n{chosen}", fontsize=11)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.79)
+    return save_figure(fig, os.path.join(figures_dir, FIGURE_NAME), tight=False)
+
+
+def _heatmap(ax, batch_sizes, lrs, runs, best):
+    final = np.array([[_number(runs[(b, lr)]["final_test_acc"]) for lr in lrs] for b in batch_sizes])
+    image = ax.imshow(np.ma.masked_invalid(final), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    image.cmap.set_bad("lightgray")
+    for i, b in enumerate(batch_sizes):
+        for j, lr in enumerate(lrs):
+            run = runs[(b, lr)]
+            if run["diverged"]:
+                text, color = f"diverged\n(epoch {run['diverged_epoch']})", "black"
+                ax.add_patch(_cell(ax, j, i, hatch="xx", edgecolor="dimgray", lw=0))
+            else:
+                text, color = f"{final[i, j]:.4f}", "white" if final[i, j] < 0.6 else "black"
+            ax.text(j, i, text, ha="center", va="center", fontsize=9, color=color)
+            if best and (b, lr) == (best["batch_size"], best["lr"]):
+                ax.add_patch(_cell(ax, j, i, edgecolor="red", lw=3))
+    ax.set(xticks=range(len(lrs)), xticklabels=[f"{lr:g}" for lr in lrs], yticks=range(len(batch_sizes)),
+           yticklabels=[str(b) for b in batch_sizes], xlabel="learning rate", ylabel="batch size",
+           title="final test accuracy (red: best on validation)")
+    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+
+
+def _cell(ax, x, y, **style):
+    from matplotlib.patches import Rectangle
+    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, **style)
+
+
+def _small_multiple(ax, run, best, bottom, left):
+    epochs = np.arange(1, len(run["test_acc"]) + 1)
+    ax.plot(epochs, [_number(v) for v in run["val_acc"]], lw=1.2, label="validation accuracy")
+    ax.plot(epochs, [_number(v) for v in run["test_acc"]], lw=1.2, linestyle="--", label="test accuracy")
+    if best and (run["batch_size"], run["lr"]) == (best["batch_size"], best["lr"]):
+        ax.axvline(best["epoch"], color="red", lw=1, label="best epoch (validation)")
+        for side in ax.spines.values():
+            side.set(color="red", linewidth=2)
+    if run["diverged"]:
+        ax.text(0.5, 0.5, f"diverged at\nepoch {run['diverged_epoch']}", transform=ax.transAxes,
+                ha="center", va="center", fontsize=8, color="darkred")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"batch {run['batch_size']}, lr {run['lr']:g}", fontsize=8)
+    ax.tick_params(labelsize=7, labelbottom=bottom, labelleft=left)
+    ax.grid(alpha=0.3)
+    if bottom:
+        ax.set_xlabel("epoch", fontsize=8)
+
+
+def _number(value):
+    return math.nan if value is None else value
+
+
+# --------------------------------------------------------------------- main
+
+def reject_repeats(flag, values):
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise UserError(f"{flag} lists {', '.join(f'{v:g}' for v in repeated)} more than once")
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    logreg.add_io_args(p, JSON_NAME)
+    p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=GRID_DEFAULTS["batch_size"],
+                   metavar="B", help="batch sizes of the grid (SWEEP_BATCH)")
+    p.add_argument("--lrs", type=positive_float, nargs="+", default=GRID_DEFAULTS["lr"], metavar="LR",
+                   help="learning rates of the grid (SWEEP_LR)")
+    p.add_argument("--epochs", type=positive_int, default=EPOCHS, help="epochs per configuration (SWEEP_EPOCHS)")
+    p.add_argument("--mode", choices=("reference", "default"), default="reference",
+                   help="reference: the assignment's procedure (raw features, plain SGD, constant lr); "
+                        "default: logreg.py's default training (SWEEP_MODE)")
+    p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                   help="share of the training set held out to choose the best configuration")
+    add_common_args(p, "seed", seed={"help": "seed of the validation split, initialization and shuffling"})
+    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
+                   help="processes that train batch sizes (or configurations) in parallel")
+    p.add_argument("--plot-only", action="store_true", help=f"only re-render the figure from OUT/{JSON_NAME}")
+    args = p.parse_args(argv)
+    if not 0 < args.val_fraction < 1:
+        p.error(f"--val-fraction must be in (0, 1): the best configuration is chosen on validation "
+                f"accuracy; got {args.val_fraction}")
+    reject_repeats("--batch-sizes", args.batch_sizes)
+    reject_repeats("--lrs", args.lrs)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    json_path = os.path.join(args.out_dir, JSON_NAME)
+    figure_path = os.path.join(args.figures_dir, FIGURE_NAME)
+    if args.plot_only:
+        sweep = load_sweep(json_path)
+        plan_outputs([figure_path])
+        print(f"wrote {plot_sweep(sweep, args.figures_dir)}")
+        return
+
+    start = time.perf_counter()
+    cells = configs(args.mode, args.batch_sizes, args.lrs, args.epochs, args.seed, args.val_fraction)
+    X, y, X_te, y_te, provenance = logreg.load_pair(args.train_mat, args.test_mat)
+    logreg.split_validation(len(y), args.val_fraction, np.random.default_rng(0))   # fails early if it must
+    for path in (args.out_dir, args.figures_dir):   # fail before training, create nothing yet
+        check_can_create(path)
+    plan_outputs([json_path, figure_path])
+    weights = provenance["train"]["weights"]
+    if logreg.is_random_init(provenance["train"]):
+        print(f"WARNING: these features come from RANDOM-INIT ResNet-50 weights ({weights}), not pretrained ones")
+    print(f"sweep: {len(args.batch_sizes)} batch sizes x {len(args.lrs)} learning rates, {args.epochs} epochs, "
+          f"{args.mode} mode, train {X.shape}, test {X_te.shape}, {args.jobs} job(s)")
+    runs = run_all((X, logreg.get_one_hot(y), X_te, logreg.get_one_hot(y_te)), cells, args.jobs,
+                   not args.no_progress)
+    sweep = sweep_json(args, runs, provenance, time.perf_counter() - start)
+    write_json(json_path, sweep)
+    print(f"wrote {json_path}")
+    print(f"wrote {plot_sweep(sweep, args.figures_dir)}")
+    for run in runs:
+        final = "diverged at epoch %d" % run["diverged_epoch"] if run["diverged"] else (
+            f"val {run['final_val_acc']:.4f}, test {run['final_test_acc']:.4f}")
+        print(f"  batch {run['batch_size']:>5}, lr {run['lr']:<7g}: {final}")
+    best = sweep["best"]
+    if best:
+        print(f"best on validation: batch {best['batch_size']}, lr {best['lr']:g}, epoch {best['epoch']}: "
+              f"validation {best['val_acc']:.4f}, test {best['test_acc']:.4f}; {sweep['seconds']:.1f} s"
+              + ("  [RANDOM-INIT features]" if sweep["random_init_weights"] else ""))
+
+
+if __name__ == "__main__":
+    run_main(main)
