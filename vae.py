@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from labio import (ArgumentParser, UserError, atomic_path, ensure_writable_dir, load_mnist,
-                   positive_float, positive_int, resolve_device, run_main, seed_value, versions,
-                   write_json)
+from labio import (ArgumentParser, UserError, add_common_args, atomic_path, ensure_writable_dir,
+                   load_mnist, positive_float, positive_int, pyplot, resolve_device, run_main,
+                   save_figure, versions, write_json)
 
 IMAGE_PIXELS = 28 * 28
 HIDDEN = 400
@@ -285,12 +285,7 @@ def save_grid(images, path, nrow):
 
 
 def plot_loss(ckpt, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from labio import save_figure
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     epochs = range(1, len(ckpt["train_loss"]) + 1)
     ax.plot(epochs, ckpt["train_loss"], "o-", label="train")
@@ -301,19 +296,12 @@ def plot_loss(ckpt, path):
     ax.set_title(f"VAE, z_dim {ckpt['config']['z_dim']}, {ckpt['config']['likelihood']}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     save_figure(fig, path, dpi=120)
-    plt.close(fig)
 
 
 def plot_latent(mu, labels, path):
     """Test-set posterior means projected on their first two principal components."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from labio import save_figure
-
+    plt = pyplot()
     centered = mu - mu.mean(0)
     if mu.shape[1] >= 2:
         _, _, v = torch.linalg.svd(centered, full_matrices=False)
@@ -328,9 +316,7 @@ def plot_latent(mu, labels, path):
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(f"test-set mu, PCA of {mu.shape[1]}-D latent")
-    fig.tight_layout()
     save_figure(fig, path, dpi=120)
-    plt.close(fig)
 
 
 def interpolation_pairs(labels, count=4):
@@ -345,7 +331,6 @@ def interpolation_pairs(labels, count=4):
     return pairs
 
 
-@torch.no_grad()
 @torch.no_grad()
 def generate_samples(model, num_samples=64, seed=0):
     """The assignment's generate_samples: decode z ~ N(0, I) into num_samples images (N x 784)."""
@@ -378,8 +363,6 @@ def render_figures(model, ckpt, test_x, test_y, figures_dir):
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default=None,
-                   help="torchvision MNIST root (DATA); None = 'data', or with --plot-only the checkpoint's")
     p.add_argument("--out-dir", default="artifacts", help="where vae.pt and vae_metrics.json go (OUT)")
     p.add_argument("--figures-dir", default="figures", help="where the five vae_*.png go (FIGURES)")
     p.add_argument("--plot-only", action="store_true",
@@ -389,11 +372,13 @@ def parse_args(argv=None):
                    help="latent size; None = 20 when training, the checkpoint's with --plot-only")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per Adam step")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--seed", type=seed_value, default=0, help="seeds the init, the shuffles, eps and the sample grid")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="use only the first N images of each split; None = all")
+    add_common_args(
+        p, "data_root", "device", "seed", "limit",
+        data_root=dict(default=None, help="torchvision MNIST root (DATA); default: 'data', or with "
+                                          "--plot-only the checkpoint's"),
+        seed=dict(help="seeds the init, the shuffles, eps and the sample grid"),
+        limit=dict(help="use only the first N images of each split (default: all; with --plot-only "
+                        "the checkpoint's)"))
     p.add_argument("--likelihood", choices=("bernoulli", "continuous-bernoulli"), default="bernoulli",
                    help="bernoulli = the assignment's BCE; continuous-bernoulli adds its log-normalizer")
     p.add_argument("--threads", type=positive_int, default=None,
