@@ -10,10 +10,12 @@ decoder's logits and the loss is read back once per epoch, not once per step.
     python vae.py --plot-only --out-dir artifacts --figures-dir figures
     python vae.py --limit 2000 --epochs 2            # a quick smoke run
 """
+import dataclasses
 import math
 import os
 import time
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
@@ -33,6 +35,23 @@ FIGURE_NAMES = ("vae_loss.png", "vae_reconstructions.png", "vae_samples.png",
 # Below this |logit| the continuous-Bernoulli normalizer uses its Taylor series
 # (the closed form is 0/0 at logit 0, i.e. lambda = 0.5).
 CB_TAYLOR_WINDOW = 1e-2
+
+
+# ------------------------------------------------------------------- config
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """One training run: what the CLI builds, what train() takes and what vae.pt stores."""
+    z_dim: int = 20
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    likelihood: str = "bernoulli"
+    data_root: str = "data"
+    limit: Optional[int] = None
+    device: str = "auto"
+    threads: Optional[int] = None
 
 
 # -------------------------------------------------------------------- model
@@ -402,42 +421,46 @@ def plot_only(args):
         print(f"wrote {path}")
 
 
-def train(args):
-    device = resolve_device(args.device)
+def config_from_args(args):
+    """The run the command line asks for (None flags take their training defaults)."""
+    return VAEConfig(z_dim=args.z_dim or 20, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                     seed=args.seed, likelihood=args.likelihood, data_root=args.data_root or "data",
+                     limit=args.limit, device=args.device, threads=args.threads)
+
+
+def train(config, out_dir, figures_dir):
+    device = resolve_device(config.device)
     if device.type == "cpu":
-        if args.threads:
-            torch.set_num_threads(args.threads)
-    ensure_writable_dir(args.out_dir)
-    ensure_writable_dir(args.figures_dir)
-    args.z_dim = args.z_dim or 20
-    args.data_root = args.data_root or "data"
-    train_x, test_x, test_y = load_splits(args.data_root, args.limit)
-    print(f"VAE z_dim {args.z_dim}, {len(train_x)} train / {len(test_x)} test images, "
-          f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, {args.likelihood}, "
+        if config.threads:
+            torch.set_num_threads(config.threads)
+    ensure_writable_dir(out_dir)
+    ensure_writable_dir(figures_dir)
+    train_x, test_x, test_y = load_splits(config.data_root, config.limit)
+    print(f"VAE z_dim {config.z_dim}, {len(train_x)} train / {len(test_x)} test images, "
+          f"{config.epochs} epochs, batch {config.batch_size}, lr {config.lr}, {config.likelihood}, "
           f"{device}")
-    torch.manual_seed(args.seed)  # the init, then eps, as in the assignment
-    model = VAE(args.z_dim).to(device)
+    torch.manual_seed(config.seed)  # the init, then eps, as in the assignment
+    model = VAE(config.z_dim).to(device)
     start = time.perf_counter()
     train_losses, test_losses = train_vae(
-        model, train_x, test_x.to(device), epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, likelihood=args.likelihood)
+        model, train_x, test_x.to(device), epochs=config.epochs, batch_size=config.batch_size,
+        lr=config.lr, seed=config.seed, likelihood=config.likelihood)
     seconds = time.perf_counter() - start
-    config = {k: v for k, v in vars(args).items() if k not in ("plot_only",)}
-    config.update(n_train=len(train_x), n_test=len(test_x), device=str(device))
-    checkpoint = os.path.join(args.out_dir, CHECKPOINT_NAME)
-    save_checkpoint(checkpoint, model, config=config, train_losses=train_losses,
+    stored = dict(dataclasses.asdict(config), n_train=len(train_x), n_test=len(test_x), device=str(device))
+    checkpoint = os.path.join(out_dir, CHECKPOINT_NAME)
+    save_checkpoint(checkpoint, model, config=stored, train_losses=train_losses,
                     test_losses=test_losses, seconds=seconds)
     print(f"wrote {checkpoint}")
-    metrics = os.path.join(args.out_dir, METRICS_NAME)
+    metrics = os.path.join(out_dir, METRICS_NAME)
     write_json(metrics, {"train_loss": train_losses[-1], "test_loss": test_losses[-1],
                          "train_loss_per_epoch": train_losses, "test_loss_per_epoch": test_losses,
-                         "seconds": round(seconds, 3), "epochs": args.epochs, "z_dim": args.z_dim,
-                         "likelihood": args.likelihood,
-                         "n_train": len(train_x), "n_test": len(test_x), "seed": args.seed,
+                         "seconds": round(seconds, 3), "epochs": config.epochs, "z_dim": config.z_dim,
+                         "likelihood": config.likelihood,
+                         "n_train": len(train_x), "n_test": len(test_x), "seed": config.seed,
                          "device": str(device), "versions": versions()})
     print(f"wrote {metrics}")
     _, ckpt = load_checkpoint(checkpoint)  # render from exactly what --plot-only will see
-    for path in render_figures(model, ckpt, test_x.cpu(), test_y, args.figures_dir):
+    for path in render_figures(model, ckpt, test_x.cpu(), test_y, figures_dir):
         print(f"wrote {path}")
 
 
@@ -446,7 +469,7 @@ def main(argv=None):
     if args.plot_only:
         plot_only(args)
     else:
-        train(args)
+        train(config_from_args(args), args.out_dir, args.figures_dir)
 
 
 if __name__ == "__main__":
