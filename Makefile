@@ -65,7 +65,7 @@ $(OUT)/logreg.npz: logreg.py labio.py $(FEATURES_MAT) $(SETUP)
 
 vae: $(OUT)/vae.pt ## train the VAE, 15 epochs (and its figures)
 
-$(OUT)/vae.pt: vae.py labio.py $(OUT)/.vae.args $(SETUP)
+$(OUT)/vae.pt: vae.py vae_stack.py labio.py $(OUT)/.vae.args $(SETUP)
 	$(PYTHON) vae.py --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
 	  --device $(DEVICE) $(LIMIT_ARG)
 

@@ -24,17 +24,16 @@ from torch.nn import functional as F
 from labio import (ArgumentParser, UserError, add_common_args, atomic_path, ensure_writable_dir,
                    load_mnist, positive_float, positive_int, pyplot, resolve_device, run_main,
                    save_figure, versions, write_json)
+from vae_stack import cb_log_normalizer, evaluate, kl_divergence, reconstruction_nll, train_stack  # noqa: F401
 
 IMAGE_PIXELS = 28 * 28
 HIDDEN = 400
 CHECKPOINT_NAME = "vae.pt"
 METRICS_NAME = "vae_metrics.json"
 CHECKPOINT_FORMAT = "vae.py checkpoint v1"
+HISTORY_KEYS = ("train_loss", "test_loss", "test_recon", "test_kl")
 FIGURE_NAMES = ("vae_loss.png", "vae_reconstructions.png", "vae_samples.png",
                 "vae_latent.png", "vae_interpolation.png")
-# Below this |logit| the continuous-Bernoulli normalizer uses its Taylor series
-# (the closed form is 0/0 at logit 0, i.e. lambda = 0.5).
-CB_TAYLOR_WINDOW = 1e-2
 
 
 # ------------------------------------------------------------------- config
@@ -112,34 +111,13 @@ class VAE(nn.Module):
 
 
 # --------------------------------------------------------------------- loss
-
-def kl_divergence(mu, logvar):
-    """KL(N(mu, exp(logvar)) || N(0, I)) in closed form, summed over the batch."""
-    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
-
+# kl_divergence, cb_log_normalizer, reconstruction_nll and evaluate live in
+# vae_stack, beside the hand-written gradients that must agree with them.
 
 def loss_function(recon_x, x, mu, logvar):
     """The assignment's loss: summed binary cross-entropy + KL divergence."""
     bce = F.binary_cross_entropy(recon_x, x.view(-1, IMAGE_PIXELS), reduction="sum")
     return bce + kl_divergence(mu, logvar)
-
-
-def cb_log_normalizer(logits):
-    """log C(lambda) of the continuous Bernoulli (Loaiza-Ganem & Cunningham, 2019), lambda = sigmoid(logits).
-
-    C(lambda) = 2 artanh(1 - 2 lambda) / (1 - 2 lambda), and with lambda = sigmoid(l),
-    1 - 2 lambda = -tanh(l / 2) and artanh(1 - 2 lambda) = -l / 2, so C = l / tanh(l / 2):
-    no log of a difference of probabilities, finite for any logit. At l = 0 (lambda = 0.5)
-    that is 0/0 with limit 2, so a small window uses the series
-    u / tanh(u) = 1 + u^2/3 - u^4/45 (u = l/2). The unused branch gets a harmless input
-    so that no NaN leaks into the gradient through torch.where.
-    """
-    small = logits.abs() < CB_TAYLOR_WINDOW
-    safe = torch.where(small, torch.ones_like(logits), logits)
-    exact = torch.log(safe / torch.tanh(0.5 * safe))
-    u2 = (0.5 * logits).pow(2)
-    series = math.log(2.0) + torch.log1p(u2 / 3 - u2.pow(2) / 45)
-    return torch.where(small, series, exact)
 
 
 def loss_from_logits(logits, x, mu, logvar, likelihood="bernoulli"):
@@ -148,11 +126,7 @@ def loss_from_logits(logits, x, mu, logvar, likelihood="bernoulli"):
     ``continuous-bernoulli`` subtracts the summed log-normalizer, making the
     reconstruction term a proper log-density of pixels in [0, 1].
     """
-    x = x.view(-1, IMAGE_PIXELS)
-    nll = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
-    if likelihood == "continuous-bernoulli":
-        nll = nll - cb_log_normalizer(logits).sum()
-    return nll + kl_divergence(mu, logvar)
+    return reconstruction_nll(logits, x.reshape(logits.shape), likelihood) + kl_divergence(mu, logvar)
 
 
 # --------------------------------------------------------------------- data
@@ -171,96 +145,35 @@ def preload(dataset, limit=None):
 
 # ----------------------------------------------------------------- training
 
-def make_optimizer(model, lr):
-    """Adam, fused into one kernel where this torch build supports it (CPU or CUDA)."""
-    try:
-        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
-
-
-@torch.no_grad()
-def evaluate(model, images, *, batch_size=1000, likelihood="bernoulli", seed=0):
-    """Per-sample loss over ``images``; its eps come from their own generator, so
-    evaluating never shifts the training run's random stream."""
-    model.eval()
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device, non_blocking=True)
-        logits, mu, logvar = model.forward_logits(x, generator)
-        total += loss_from_logits(logits, x, mu, logvar, likelihood)
-    model.train()
-    return total.item() / len(images)
-
-
 def train_vae(model, train_x, test_x=None, *, epochs=15, batch_size=64, lr=1e-3, seed=0,
               likelihood="bernoulli", progress=True, log=print):
-    """Train ``model`` in place; return (train_losses, test_losses), one per epoch.
+    """Train ``model`` in place; return its history (lists, one entry per epoch):
+    ``train_loss``, and with ``test_x`` ``test_loss`` = ``test_recon`` + ``test_kl``;
+    ``seconds`` per epoch. See vae_stack.train_stack, which does the work.
 
     Each train loss is the epoch's summed loss divided by the number of training
     images (the assignment divided by len(loader) * batch_size = 60032 instead).
-    The test loss (same normalization) is computed after every epoch when
-    ``test_x`` is given. A non-finite epoch loss stops training with a UserError.
+    A non-finite epoch loss stops training with a UserError.
     """
-    from tqdm import tqdm
-
-    device = next(model.parameters()).device
-    optimizer = make_optimizer(model, lr)
-    shuffler = torch.Generator().manual_seed(seed)
-    train_x = train_x.to(device)
-    n = len(train_x)
-    steps = math.ceil(n / batch_size)
-    train_losses, test_losses = [], []
-    model.train()
-    for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        shuffled = train_x[torch.randperm(n, generator=shuffler).to(device)]
-        # Summed on the device and read once per epoch: a per-step .item() would
-        # force a synchronization (on a GPU) and costs a little even on a CPU.
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
-                   disable=None if progress else True)
-        for step in range(steps):
-            x = shuffled[step * batch_size:(step + 1) * batch_size]
-            logits, mu, logvar = model.forward_logits(x)
-            loss = loss_from_logits(logits, x, mu, logvar, likelihood)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            if not bar.disable and (step + 1) % 50 == 0:
-                bar.update(50)
-                bar.set_postfix(loss=f"{total.item() / min(n, (step + 1) * batch_size):.2f}")
-        bar.close()
-        train_loss = total.item() / n
-        seconds = time.perf_counter() - start
-        if not math.isfinite(train_loss):
-            raise UserError(f"loss became non-finite at epoch {epoch} (lower --lr)")
-        train_losses.append(train_loss)
-        line = f"epoch {epoch:2d}/{epochs}  train loss {train_loss:8.3f}"
-        if test_x is not None:
-            test_losses.append(evaluate(model, test_x, likelihood=likelihood, seed=seed))
-            if not math.isfinite(test_losses[-1]):
-                raise UserError(f"loss became non-finite at epoch {epoch} (lower --lr)")
-            line += f"  test loss {test_losses[-1]:8.3f}"
-        if log is not None:
-            log(f"{line}  {seconds:5.2f} s")
-    return train_losses, test_losses
+    try:
+        return train_stack([model], train_x, test_x, epochs=epochs, batch_size=batch_size, lr=lr,
+                           seed=seed, likelihood=likelihood, progress=progress, log=log)[0]
+    except FloatingPointError as exc:
+        raise UserError(f"{exc}; lower --lr") from None
 
 
 # --------------------------------------------------------------- checkpoint
 
-def save_checkpoint(path, model, *, config, train_losses, test_losses, seconds):
+def save_checkpoint(path, model, *, config, history, run):
+    """vae.pt: the state_dict, the VAEConfig (as a dict), the per-epoch history and
+    ``run`` (what the run was: n_train, n_test, device, threads, seconds)."""
     state = {
         "format": CHECKPOINT_FORMAT,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "config": config,
-        "train_loss": list(train_losses),
-        "test_loss": list(test_losses),
-        "seed": config["seed"],
-        "seconds": seconds,
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "config": dataclasses.asdict(config),
+        **{key: list(history[key]) for key in HISTORY_KEYS},
+        **run,
+        "seed": config.seed,
         "versions": versions(),
     }
     with atomic_path(path) as tmp:
@@ -304,12 +217,25 @@ def save_grid(images, path, nrow):
 
 
 def plot_loss(ckpt, path):
+    """Train and test loss per epoch, and beside it the test loss's two terms."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax, terms) = plt.subplots(1, 2, figsize=(9, 3.5))
     epochs = range(1, len(ckpt["train_loss"]) + 1)
     ax.plot(epochs, ckpt["train_loss"], "o-", label="train")
     if ckpt["test_loss"]:
         ax.plot(epochs, ckpt["test_loss"], "s-", label="test")
+        terms.plot(epochs, ckpt["test_recon"], "s-", color="C2", label="reconstruction")
+        kl_axis = terms.twinx()   # the KL term is ~25 nats beside ~80: its own scale
+        kl_axis.plot(epochs, ckpt["test_kl"], "^-", color="C3", label="KL")
+        kl_axis.set_ylabel("KL term (nats)", color="C3")
+        terms.legend(handles=terms.lines + kl_axis.lines, loc="center right")
+    terms.set_xlabel("epoch")
+    terms.set_ylabel("reconstruction term (nats)", color="C2")
+    terms.set_title("test loss = reconstruction + KL")
+    for axis in (ax, terms):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss per image (BCE + KL, nats)")
     ax.set_title(f"VAE, z_dim {ckpt['config']['z_dim']}, {ckpt['config']['likelihood']}")
@@ -442,22 +368,24 @@ def train(config, out_dir, figures_dir):
     torch.manual_seed(config.seed)  # the init, then eps, as in the assignment
     model = VAE(config.z_dim).to(device)
     start = time.perf_counter()
-    train_losses, test_losses = train_vae(
-        model, train_x, test_x.to(device), epochs=config.epochs, batch_size=config.batch_size,
-        lr=config.lr, seed=config.seed, likelihood=config.likelihood)
+    history = train_vae(model, train_x, test_x.to(device), epochs=config.epochs,
+                        batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+                        likelihood=config.likelihood)
     seconds = time.perf_counter() - start
-    stored = dict(dataclasses.asdict(config), n_train=len(train_x), n_test=len(test_x), device=str(device))
+    threads = torch.get_num_threads()
+    run = {"n_train": len(train_x), "n_test": len(test_x), "device": str(device), "threads": threads,
+           "seconds": seconds}
     checkpoint = os.path.join(out_dir, CHECKPOINT_NAME)
-    save_checkpoint(checkpoint, model, config=stored, train_losses=train_losses,
-                    test_losses=test_losses, seconds=seconds)
+    save_checkpoint(checkpoint, model, config=config, history=history, run=run)
     print(f"wrote {checkpoint}")
     metrics = os.path.join(out_dir, METRICS_NAME)
-    write_json(metrics, {"train_loss": train_losses[-1], "test_loss": test_losses[-1],
-                         "train_loss_per_epoch": train_losses, "test_loss_per_epoch": test_losses,
+    write_json(metrics, {**{key: history[key][-1] for key in HISTORY_KEYS},
+                         **{f"{key}_per_epoch": history[key] for key in HISTORY_KEYS},
+                         "epoch_seconds": [round(t, 3) for t in history["seconds"]],
                          "seconds": round(seconds, 3), "epochs": config.epochs, "z_dim": config.z_dim,
-                         "likelihood": config.likelihood,
+                         "likelihood": config.likelihood, "batch_size": config.batch_size, "lr": config.lr,
                          "n_train": len(train_x), "n_test": len(test_x), "seed": config.seed,
-                         "device": str(device), "versions": versions()})
+                         "device": str(device), "threads": threads, "versions": versions()})
     print(f"wrote {metrics}")
     _, ckpt = load_checkpoint(checkpoint)  # render from exactly what --plot-only will see
     for path in render_figures(model, ckpt, test_x.cpu(), test_y, figures_dir):
