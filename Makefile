@@ -65,6 +65,10 @@ $(OUT)/logreg.npz: logreg.py labio.py $(FEATURES_MAT) $(SETUP)
 
 vae: $(OUT)/vae.pt ## train the VAE, 15 epochs (and its figures)
 
+# vae.py writes vae_metrics.json, then vae.pt, then the figures, each atomically:
+# a vae.pt is always complete, so an interrupt while the figures are drawn keeps
+# it (.PRECIOUS), and the figures' rule below redoes only them.
+.PRECIOUS: $(OUT)/vae.pt
 $(OUT)/vae.pt: vae.py vae_stack.py labio.py $(OUT)/.vae.args $(SETUP)
 	$(PYTHON) vae.py --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
 	  --device $(DEVICE) $(LIMIT_ARG)
@@ -74,7 +78,7 @@ figures: $(LOGREG_FIGS) $(VAE_FIGS) ## re-render every figure from saved results
 $(LOGREG_FIGS) &: $(OUT)/logreg.npz
 	$(PYTHON) logreg.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES)
 
-$(VAE_FIGS) &: $(OUT)/vae.pt
+$(VAE_FIGS) &: $(OUT)/vae.pt vae_figures.py
 	$(PYTHON) vae.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES) --data-root $(DATA)
 
 test: $(SETUP) ## run the test suite (python test_all.py)
