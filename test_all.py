@@ -1101,9 +1101,9 @@ def test_vae_non_finite_loss_stops_in_process(vae_data_root, vae_one_thread):
 
 # ------------------------------------------------------------- CLI errors
 
-def vae_in_process(*args):
-    """vae.py's command line run in this process through labio.run_main, as a
-    CompletedProcess-like result (returncode, stdout, stderr); offline."""
+def vae_in_process(*args, script=vae):
+    """``script``'s command line (vae.py by default) run in this process through
+    labio.run_main, as a CompletedProcess-like result (returncode, stdout, stderr); offline."""
     import contextlib
     import io
     import types
@@ -1113,11 +1113,11 @@ def vae_in_process(*args):
     saved_argv, saved_env = sys.argv, dict(os.environ)
     saved_term, threads = signal.getsignal(signal.SIGTERM), torch.get_num_threads()
     out, err, code = io.StringIO(), io.StringIO(), 0
-    sys.argv = ["vae.py", *map(str, args)]
+    sys.argv = [f"{script.__name__}.py", *map(str, args)]
     os.environ.update(OFFLINE_ENV)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            labio.run_main(vae.main)
+            labio.run_main(script.main)
     except SystemExit as exc:
         code = exc.code
     finally:
@@ -1318,6 +1318,145 @@ def test_vae_interrupt_leaves_each_output_complete_or_absent(moment, sig, vae_da
         assert leftovers(out) == ["vae.pt", "vae_metrics.json"] and leftovers(figs) == []
         vae.load_checkpoint(str(out / "vae.pt"))           # complete: it loads and checks
         assert json.loads((out / "vae_metrics.json").read_text())["epochs"] == 2
+
+
+# ------------------------------------------------------------ sweep_vae.py
+
+import sweep_vae  # noqa: E402
+
+
+def sweep_run(data_root, out, figs, *z_dims, extra=()):
+    proc = vae_in_process("--z-dims", *z_dims, "--data-root", data_root, "--out-dir", out, "--figures-dir", figs,
+                          "--epochs", "2", "--device", "cpu", "--threads", "1", *extra, script=sweep_vae)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def vae_sweep(vae_data_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vae_sweep")
+    sweep_run(vae_data_root, out, out / "figs", 20, 2)
+    return out
+
+
+def test_sweep_vae_z20_run_equals_a_lone_vae_run_exactly(vae_sweep, vae_data_root, tmp_path):
+    """Stacking changes nothing for a model: the same init, batches, eps, and float rounding
+    (batched matmuls are per-model GEMMs; each image's loss is summed by one thread)."""
+    lone = tmp_path / "lone"
+    proc = vae_in_process("--z-dim", 20, "--data-root", vae_data_root, "--out-dir", lone, "--figures-dir",
+                          lone / "figs", "--epochs", "2", "--device", "cpu", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    alone = torch.load(lone / "vae.pt", weights_only=True)
+    swept = torch.load(vae_sweep / "sweep_vae" / "vae_z20.pt", weights_only=True)
+    assert all(torch.equal(alone["model"][k], swept["model"][k]) for k in alone["model"])
+    run = json.loads((vae_sweep / "sweep_vae.json").read_text())["runs"][0]
+    for key in vae.HISTORY_KEYS:
+        assert alone[key] == swept[key] == run[key], key
+    assert alone["config"] == swept["config"]
+
+
+def test_sweep_vae_summary_and_figures(vae_sweep):
+    summary = json.loads((vae_sweep / "sweep_vae.json").read_text())
+    for key in ("kind", "z_dims", "epochs", "seed", "batch_size", "lr", "n_train", "n_test", "seconds",
+                "threads", "strategy", "runs", "versions"):
+        assert key in summary, key
+    assert summary["kind"] == "sweep_vae" and summary["z_dims"] == [20, 2] and summary["threads"] == 1
+    assert (summary["epochs"], summary["batch_size"], summary["lr"], summary["seed"]) == (2, 64, 1e-3, 0)
+    assert (summary["n_train"], summary["n_test"]) == (VAE_N_TRAIN, VAE_N_TEST)
+    for run in summary["runs"]:
+        assert sorted(run) == sorted([*sweep_vae.RUN_KEYS, "checkpoint"])
+        assert all(len(run[key]) == 2 for key in vae.HISTORY_KEYS)
+        assert run["test_loss"] == [r + k for r, k in zip(run["test_recon"], run["test_kl"])]
+        model, ckpt = vae.load_checkpoint(str(vae_sweep / run["checkpoint"]), z_dim=run["z_dim"])
+        assert ckpt["train_loss"] == run["train_loss"]
+    assert sorted(leftovers(vae_sweep / "figs")) == sorted(sweep_vae.FIGURE_NAMES)
+
+
+def test_sweep_vae_plot_only_reproduces_the_figures_pixel_for_pixel(vae_sweep, vae_data_root, tmp_path):
+    proc = vae_in_process("--plot-only", "--out-dir", vae_sweep, "--figures-dir", tmp_path, "--data-root",
+                          vae_data_root, script=sweep_vae)
+    assert proc.returncode == 0 and "placeholder" not in proc.stdout, proc.stderr
+    first, second = vae_outputs(vae_sweep / "figs"), vae_outputs(tmp_path)
+    assert sorted(first) == sorted(second) == sorted(sweep_vae.FIGURE_NAMES)
+    for name in first:
+        assert np.array_equal(first[name], second[name]), name
+
+
+def test_sweep_vae_manifold_lattice_is_standard_normal_quantiles():
+    from scipy.stats import norm
+
+    codes, quantiles = sweep_vae.manifold_codes(20)
+    expected = norm.ppf(np.linspace(0.05, 0.95, 20))
+    assert np.allclose(quantiles.numpy(), expected, atol=1e-5)
+    grid = codes.view(20, 20, 2)   # row i, column j
+    assert torch.equal(grid[:, :, 0], quantiles.expand(20, 20))               # z1 along a row
+    assert torch.equal(grid[:, :, 1], quantiles.flip(0)[:, None].expand(20, 20))  # z2 falls down the rows
+
+
+def test_sweep_vae_without_z_dim_2_draws_placeholders(vae_data_root, tmp_path):
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    (figs / "vae_manifold_2d.png").write_bytes(b"an older figure")
+    proc = sweep_run(vae_data_root, tmp_path / "out", figs, 3, extra=["--limit", "64"])
+    assert proc.stdout.count("(placeholder: z_dim 2 is not in this sweep") == 2
+    assert (figs / "vae_manifold_2d.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(leftovers(figs)) == sorted(sweep_vae.FIGURE_NAMES)
+
+
+@pytest.fixture(scope="module")
+def sweep_bad_files(vae_sweep, tmp_path_factory):
+    """OUT folders holding a sweep_vae.json that does not fit."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("sweep_bad")
+    cases = {}
+    for name, edit in {
+        "not_json": lambda out: (out / "sweep_vae.json").write_text("{ not json"),
+        "other_kind": lambda out: (out / "sweep_vae.json").write_text(json.dumps({"kind": "sweep_logreg"})),
+        "no_runs": lambda out: (out / "sweep_vae.json").write_text(json.dumps({"kind": "sweep_vae", "runs": []})),
+        "lost_checkpoint": lambda out: (out / "sweep_vae" / "vae_z2.pt").unlink(),
+        "mixed_runs": lambda out: shutil.copy(out / "sweep_vae" / "vae_z20.pt", out / "sweep_vae" / "vae_z2.pt"),
+    }.items():
+        shutil.copytree(vae_sweep, root / name, ignore=shutil.ignore_patterns("figs"))
+        edit(root / name)
+        cases[name] = root / name
+    return cases
+
+
+SWEEP_BAD_INPUTS = [
+    ("z_dims_twice", ["--z-dims", "2", "2"], ["--z-dims lists a value twice"]),
+    ("z_dims_zero", ["--z-dims", "0", "5"], ["--z-dims", "positive integer"]),
+    ("z_dims_empty", ["--z-dims"], ["--z-dims", "expected at least one argument"]),
+    ("epochs_zero", ["--epochs", "0"], ["--epochs"]),
+    ("no_mnist", ["--data-root", "NO_MNIST"], ["MNIST/raw"]),
+    ("plot_only_no_summary", ["--plot-only", "--out-dir", "EMPTY"], ["no sweep results", "make sweep-vae"]),
+    ("plot_only_not_json", ["--plot-only", "--out-dir", "not_json"], ["not JSON, or damaged"]),
+    ("plot_only_other_kind", ["--plot-only", "--out-dir", "other_kind"], ["not a sweep_vae.py summary", "sweep_logreg"]),
+    ("plot_only_no_runs", ["--plot-only", "--out-dir", "no_runs"], ["'runs' is not a list"]),
+    ("plot_only_lost_checkpoint", ["--plot-only", "--out-dir", "lost_checkpoint"], ["no checkpoint at", "vae_z2.pt"]),
+    ("plot_only_mixed_runs", ["--plot-only", "--out-dir", "mixed_runs"], ["vae_z2.pt", "z_dim 20", "--z-dim 2"]),
+]
+
+
+@pytest.mark.parametrize("case", SWEEP_BAD_INPUTS, ids=[c[0] for c in SWEEP_BAD_INPUTS])
+def test_sweep_vae_bad_input_is_one_line_and_changes_no_file(case, sweep_bad_files, vae_data_root, tmp_path):
+    _, arguments, fragments = case
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "NO_MNIST").mkdir()
+    names = {**{k: str(v) for k, v in sweep_bad_files.items()},
+             "EMPTY": str(tmp_path / "EMPTY"), "NO_MNIST": str(tmp_path / "NO_MNIST")}
+    argv = [names.get(a, a) for a in arguments]
+    if "--out-dir" not in argv:
+        argv += ["--out-dir", str(tmp_path / "out")]
+    out = argv[argv.index("--out-dir") + 1]
+    if "--data-root" not in argv:
+        argv += ["--data-root", vae_data_root]
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    (figs / "sweep_vae_loss.png").write_bytes(b"an older figure")
+    before = snapshot(out, figs)
+    proc = vae_in_process(*argv, "--figures-dir", figs, script=sweep_vae)
+    assert_rejected(proc, before, [out, figs], *fragments)
 
 
 @pytest.mark.skipif(not os.environ.get("MNIST_ROOT"), reason="set MNIST_ROOT to the real MNIST root")

@@ -52,6 +52,15 @@ def cb_log_normalizer(logits):
     return torch.where(small, series, exact)
 
 
+def sum_images(values):
+    """Sum over the last two dims (images x pixels): pixels first, then images.
+
+    Each image's pixels are summed by one thread whatever the leading dims, so a
+    model's loss has the same float rounding alone or in a stack of K models.
+    """
+    return values.sum(-1).sum(-1)
+
+
 def bernoulli_nll(logits, x, probs=None):
     """Summed binary cross-entropy of sigmoid(logits) against x over the last two dims.
 
@@ -62,7 +71,7 @@ def bernoulli_nll(logits, x, probs=None):
     """
     probs = torch.sigmoid(logits) if probs is None else probs
     log_sig_abs = (probs - 0.5).abs_().add_(0.5).log_()
-    return (logits.clamp(min=0) - x * logits - log_sig_abs).sum((-2, -1))
+    return sum_images(logits.clamp(min=0) - x * logits - log_sig_abs)
 
 
 def reconstruction_nll(logits, x, likelihood="bernoulli"):
@@ -70,7 +79,7 @@ def reconstruction_nll(logits, x, likelihood="bernoulli"):
     continuous-Bernoulli negative log-density (the BCE minus the log-normalizer)."""
     nll = bernoulli_nll(logits, x)
     if likelihood == "continuous-bernoulli":
-        nll = nll - cb_log_normalizer(logits).sum((-2, -1))
+        nll = nll - sum_images(cb_log_normalizer(logits))
     return nll
 
 
@@ -200,7 +209,7 @@ class StackedVAEs:
         if likelihood == "continuous-bernoulli":
             with torch.enable_grad():
                 leaf = logits.detach().requires_grad_()
-                log_c = cb_log_normalizer(leaf).sum((-2, -1))
+                log_c = sum_images(cb_log_normalizer(leaf))
                 (d_log_c,) = torch.autograd.grad(log_c.sum(), leaf)
             nll = nll - log_c.detach()
             dlogits.sub_(d_log_c)
