@@ -215,7 +215,8 @@ def vae_ours_epochs(data_root, epochs, seed, threads):
     torch.set_num_threads(threads)
     train_x, _ = vae.preload(vae.load_mnist(data_root, train=True))
     torch.manual_seed(seed)
-    history = vae.train_vae(vae.VAE(20), train_x, epochs=epochs, seed=seed, progress=False, log=None)
+    history = vae.train_vae(vae.VAE(20), train_x, epochs=epochs, seed=seed, progress=False, log=None,
+                            threads=threads)
     return history["train_loss"], history["seconds"]
 
 

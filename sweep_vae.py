@@ -55,7 +55,8 @@ def train_sweep(config, z_dims, train_x, test_x, device):
     try:
         histories = vae.train_stack(models, train_x, test_x.to(device), epochs=config.epochs,
                                     batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-                                    likelihood=config.likelihood, labels=[f"z={z}" for z in z_dims])
+                                    likelihood=config.likelihood, labels=[f"z={z}" for z in z_dims],
+                                    threads=config.threads)
     except FloatingPointError as exc:
         raise UserError(f"{exc}; lower --lr") from None
     return models, histories
@@ -68,22 +69,20 @@ def sweep(args):
     device = resolve_device(config.device)
     check_can_create(os.path.join(args.out_dir, CHECKPOINT_DIR))
     check_can_create(args.figures_dir)
-    if device.type == "cpu" and config.threads:
-        torch.set_num_threads(config.threads)
     train_x, test_x, test_y = vae.load_splits(config.data_root, config.limit)
     summary_path = os.path.join(args.out_dir, SUMMARY_NAME)
     checkpoints = [checkpoint_path(args.out_dir, z) for z in args.z_dims]
     # The checkpoints, then the summary (the Make target), then the figures (their own rule).
     plan_outputs([*checkpoints, summary_path, *figure_paths(args.figures_dir)])
-    threads = torch.get_num_threads()
+    threads = config.threads or torch.get_num_threads()
     print(f"VAE sweep, z_dims {' '.join(map(str, args.z_dims))}: {len(train_x)} train / {len(test_x)} test "
           f"images, {config.epochs} epochs, batch {config.batch_size}, lr {config.lr}, {device}, "
-          f"{threads} threads")
+          f"{config.threads or f'1 or {threads}'} threads")
     start = time.perf_counter()
     models, histories = train_sweep(config, args.z_dims, train_x, test_x, device)
     seconds = time.perf_counter() - start
     run_info = {"n_train": len(train_x), "n_test": len(test_x), "device": str(device), "threads": threads,
-                "seconds": seconds}
+                "epoch_threads": histories[0]["threads"], "seconds": seconds}
     for z_dim, model, history, path in zip(args.z_dims, models, histories, checkpoints):
         vae.save_checkpoint(path, model, config=dataclasses.replace(config, z_dim=z_dim), history=history,
                             run=run_info)
@@ -94,7 +93,8 @@ def sweep(args):
     summary = {"kind": "sweep_vae", "z_dims": list(args.z_dims), "epochs": config.epochs, "seed": config.seed,
                "batch_size": config.batch_size, "lr": config.lr, "likelihood": config.likelihood,
                "limit": config.limit, "n_train": len(train_x), "n_test": len(test_x),
-               "seconds": round(seconds, 3), "threads": threads, "device": str(device),
+               "seconds": round(seconds, 3), "threads": threads, "epoch_threads": histories[0]["threads"],
+               "device": str(device),
                "strategy": STRATEGY, "runs": runs, "versions": versions()}
     write_json(summary_path, summary)
     print(f"wrote {summary_path}")
@@ -218,7 +218,8 @@ def parse_args(argv=None):
                     limit=dict(help="use only the first N images of each split (default: all; with "
                                     "--plot-only the sweep's)"))
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads (default: torch's, all cores)")
+                   help="CPU threads (default: each epoch, the faster of 1 and all cores; the numbers "
+                        "do not depend on it)")
     args = p.parse_args(argv)
     args.z_dims = z_dim_list(args.z_dims)
     return args

@@ -927,6 +927,37 @@ def test_vae_stack_trains_like_autograd_and_adam(vae_data_root, vae_one_thread):
             assert torch.allclose(ours, theirs, rtol=0, atol=1e-4), name
 
 
+def test_vae_stack_numbers_do_not_depend_on_the_thread_count(vae_data_root):
+    """1 thread, 2 threads, or ThreadPicker's choice per epoch (64 steps: it probes both):
+    the same weights and losses, so choosing the faster count changes no number."""
+    train_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=True), limit=128)
+    test_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=False))
+
+    def run(threads):
+        models = []
+        for z_dim in (3, 20):
+            torch.manual_seed(0)
+            models.append(vae.VAE(z_dim))
+        histories = vae.train_stack(models, train_x, test_x, epochs=2, batch_size=2, threads=threads,
+                                    progress=False, log=None)
+        return histories, [m.state_dict() for m in models]
+
+    initial = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = {threads: run(threads) for threads in (1, 2, None)}
+    finally:
+        torch.set_num_threads(initial)
+    assert torch.get_num_threads() == initial
+    (one, one_weights), (two, two_weights) = runs[1], runs[2]
+    assert [h["threads"] for h in one] == [[1, 1]] * 2 and [h["threads"] for h in two] == [[2, 2]] * 2
+    assert all(set(h["threads"]) <= {1, 2} for h in runs[None][0])
+    for histories, weights in runs.values():
+        for k in range(2):
+            assert all(histories[k][key] == one[k][key] for key in vae.HISTORY_KEYS)
+            assert all(torch.equal(weights[k][name], one_weights[k][name]) for name in weights[k])
+
+
 # ------------------------------------------------------------------- data
 
 def test_vae_preloaded_pixels_equal_totensor(vae_data_root):
@@ -972,7 +1003,7 @@ def test_vae_same_seed_same_losses_and_seed_matters(vae_data_root, vae_one_threa
     def run(seed):
         torch.manual_seed(seed)
         history = vae.train_vae(vae.VAE(4), train_x, test_x, epochs=2, seed=seed, log=None, progress=False)
-        return {k: v for k, v in history.items() if k != "seconds"}
+        return {k: history[k] for k in vae.HISTORY_KEYS}
 
     assert run(5) == run(5)
     assert run(5) != run(6)

@@ -185,10 +185,11 @@ def preload(dataset, limit=None):
 # ----------------------------------------------------------------- training
 
 def train_vae(model, train_x, test_x=None, *, epochs=15, batch_size=64, lr=1e-3, seed=0,
-              likelihood="bernoulli", progress=True, log=print):
+              likelihood="bernoulli", progress=True, log=print, threads=None):
     """Train ``model`` in place; return its history (lists, one entry per epoch):
     ``train_loss``, and with ``test_x`` ``test_loss`` = ``test_recon`` + ``test_kl``;
-    ``seconds`` per epoch. See vae_stack.train_stack, which does the work.
+    ``seconds`` and ``threads`` per epoch (``threads`` None: the faster of 1 and
+    torch's count, chosen each epoch). See vae_stack.train_stack, which does the work.
 
     Each train loss is the epoch's summed loss divided by the number of training
     images (the assignment divided by len(loader) * batch_size = 60032 instead).
@@ -196,7 +197,7 @@ def train_vae(model, train_x, test_x=None, *, epochs=15, batch_size=64, lr=1e-3,
     """
     try:
         return train_stack([model], train_x, test_x, epochs=epochs, batch_size=batch_size, lr=lr,
-                           seed=seed, likelihood=likelihood, progress=progress, log=log)[0]
+                           seed=seed, likelihood=likelihood, progress=progress, log=log, threads=threads)[0]
     except FloatingPointError as exc:
         raise UserError(f"{exc}; lower --lr") from None
 
@@ -205,7 +206,8 @@ def train_vae(model, train_x, test_x=None, *, epochs=15, batch_size=64, lr=1e-3,
 
 def save_checkpoint(path, model, *, config, history, run):
     """vae.pt: the state_dict, the VAEConfig (as a dict), the per-epoch history and
-    ``run`` (what the run was: n_train, n_test, device, threads, seconds)."""
+    ``run`` (what the run was: n_train, n_test, device, threads allowed, threads per
+    epoch, seconds)."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
@@ -424,8 +426,8 @@ def parse_args(argv=None):
     p.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli",
                    help="bernoulli = the assignment's BCE; continuous-bernoulli adds its log-normalizer")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads (default: torch's, all cores; on a machine whose cores are busy "
-                        "with other work, 1 thread avoids a large slowdown)")
+                   help="CPU threads (default: each epoch, the faster of 1 and all cores, timed on its "
+                        "first steps; the numbers do not depend on it)")
     args = p.parse_args(argv)
     if args.checkpoint is not None and not args.plot_only:
         p.error("--checkpoint is read only with --plot-only (training writes OUT/vae.pt)")
@@ -463,23 +465,22 @@ def train(config, out_dir, figures_dir):
     device = resolve_device(config.device)
     check_can_create(out_dir)
     check_can_create(figures_dir)
-    if device.type == "cpu" and config.threads:
-        torch.set_num_threads(config.threads)
     train_x, test_x, test_y = load_splits(config.data_root, config.limit)
     metrics, checkpoint = os.path.join(out_dir, METRICS_NAME), os.path.join(out_dir, CHECKPOINT_NAME)
     plan_outputs([metrics, checkpoint, *figure_paths(figures_dir)])
     print(f"VAE z_dim {config.z_dim}, {len(train_x)} train / {len(test_x)} test images, "
           f"{config.epochs} epochs, batch {config.batch_size}, lr {config.lr}, {config.likelihood}, "
-          f"{device}, {torch.get_num_threads()} threads")
+          f"{device}, {config.threads or f'1 or {torch.get_num_threads()}'} threads")
     torch.manual_seed(config.seed)  # the init
     model = VAE(config.z_dim).to(device)
     start = time.perf_counter()
     history = train_vae(model, train_x, test_x.to(device), epochs=config.epochs,
                         batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-                        likelihood=config.likelihood)
+                        likelihood=config.likelihood, threads=config.threads)
     seconds = time.perf_counter() - start
     run = {"n_train": len(train_x), "n_test": len(test_x), "device": str(device),
-           "threads": torch.get_num_threads(), "seconds": seconds}
+           "threads": config.threads or torch.get_num_threads(), "epoch_threads": history["threads"],
+           "seconds": seconds}
     write_json(metrics, {**{key: history[key][-1] for key in HISTORY_KEYS},
                          **{f"{key}_per_epoch": history[key] for key in HISTORY_KEYS},
                          "epoch_seconds": [round(t, 3) for t in history["seconds"]],

@@ -227,7 +227,9 @@ class StackedVAEs:
             # d/dlogvar = 0.5 (dcode eps std + std^2 - 1): recon through std, then KL
             dlogvar = torch.mul(dcode, eps, out=dstats[:, z:]).mul_(std)
             dlogvar.addcmul_(std, std).sub_(1.0).mul_(0.5)
-            torch.mm(dstats.t(), h1[k], out=g[f"w2_{k}"])
+            # (h1^T dstats)^T rather than dstats^T h1: for small z, MKL splits the latter's
+            # 64-long sum across threads, and its rounding would depend on --threads.
+            g[f"w2_{k}"].copy_(torch.mm(h1[k].t(), dstats).t())
             torch.sum(dstats, 0, out=g[f"b2_{k}"])
             torch.mm(dstats, p[f"w2_{k}"], out=dh1[k])
         dh1 = relu_backward(dh1, h1)
@@ -236,17 +238,59 @@ class StackedVAEs:
         return nll + kl
 
 
+class ThreadPicker:
+    """Each epoch, the faster of one CPU thread and all of them, timed on the epoch's
+    first steps (PROBE_STEPS each), then kept for the rest of it.
+
+    Two threads win on a quiet 2-core machine, and lose badly (several times slower)
+    when another process holds a core: each small op ends with the two threads
+    waiting for each other. The choice changes no number: every kernel of the
+    step rounds the same on any thread count (a test checks it).
+    """
+    PROBE_STEPS = 16
+
+    def __init__(self, threads, device):
+        self.initial = torch.get_num_threads()
+        fixed = threads or (self.initial if device.type != "cpu" else None)
+        self.candidates = [fixed] if fixed else sorted({1, self.initial})
+        self.chosen = []
+
+    def schedule(self, steps):
+        """Yield step indices, setting the thread count for each."""
+        step, best = 0, self.candidates[-1]
+        if len(self.candidates) > 1 and steps >= 4 * self.PROBE_STEPS:   # else too short to time
+            timings = {}
+            for count in self.candidates:
+                torch.set_num_threads(count)
+                start = time.perf_counter()
+                for _ in range(self.PROBE_STEPS):
+                    yield step
+                    step += 1
+                timings[count] = time.perf_counter() - start
+            best = min(timings, key=timings.get)
+        torch.set_num_threads(best)
+        self.chosen.append(best)
+        while step < steps:
+            yield step
+            step += 1
+
+    def restore(self):
+        torch.set_num_threads(self.initial)
+
+
 def train_stack(models, train_x, test_x=None, *, epochs=15, batch_size=64, lr=1e-3, seed=0,
-                likelihood="bernoulli", progress=True, log=print, labels=None):
+                likelihood="bernoulli", progress=True, log=print, labels=None, threads=None):
     """Train ``models`` (VAEs, any z_dims) in place on the same batches; one history each.
 
     A history holds, per epoch: ``train_loss`` (the epoch's summed loss over the
     number of training images), and with ``test_x`` the test loss and its two
     terms, ``test_loss`` = ``test_recon`` + ``test_kl`` (per image, see
     ``evaluate``, seeded with ``seed``); and ``seconds`` (wall time of each epoch's
-    training). Batches: a per-epoch shuffled copy from a generator seeded with
-    ``seed``; eps: one generator per model seeded with ``seed + 1``. A non-finite
-    epoch loss raises FloatingPointError naming the epoch and the model.
+    training) and ``threads`` (the CPU threads it ran on: ``threads``, or with None
+    the faster of 1 and torch's count, see ThreadPicker). Batches: a per-epoch
+    shuffled copy from a generator seeded with ``seed``; eps: one generator per
+    model seeded with ``seed + 1``. A non-finite epoch loss raises
+    FloatingPointError naming the epoch and the model.
     """
     from tqdm import tqdm
 
@@ -259,8 +303,9 @@ def train_stack(models, train_x, test_x=None, *, epochs=15, batch_size=64, lr=1e
     train_x = train_x.to(device)
     n = len(train_x)
     steps = math.ceil(n / batch_size)
-    histories = [{"train_loss": [], "test_loss": [], "test_recon": [], "test_kl": [], "seconds": []}
-                 for _ in models]
+    histories = [{"train_loss": [], "test_loss": [], "test_recon": [], "test_kl": [], "seconds": [],
+                  "threads": []} for _ in models]
+    picker = ThreadPicker(threads, device)
     try:
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
@@ -270,7 +315,7 @@ def train_stack(models, train_x, test_x=None, *, epochs=15, batch_size=64, lr=1e
             total = torch.zeros(len(models), dtype=torch.float64, device=device)
             bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
                        disable=None if progress else True)
-            for step in range(steps):
+            for step in picker.schedule(steps):
                 x = shuffled[step * batch_size:(step + 1) * batch_size]
                 total += stack.step(x, eps_generators, likelihood)
                 optimizer.step()
@@ -281,6 +326,7 @@ def train_stack(models, train_x, test_x=None, *, epochs=15, batch_size=64, lr=1e
             for k, (model, history) in enumerate(zip(models, histories)):
                 history["train_loss"].append(total[k].item() / n)
                 history["seconds"].append(seconds)
+                history["threads"].append(picker.chosen[-1])
                 if test_x is not None:
                     recon, kl = evaluate(model, test_x, likelihood=likelihood, seed=seed)
                     history["test_recon"].append(recon)
@@ -293,6 +339,7 @@ def train_stack(models, train_x, test_x=None, *, epochs=15, batch_size=64, lr=1e
                 log(epoch_line(epoch, epochs, labels, histories, seconds))
     finally:
         stack.release()
+        picker.restore()
     return histories
 
 
@@ -304,4 +351,6 @@ def epoch_line(epoch, epochs, labels, histories, seconds):
         if history["test_loss"]:
             part += f"  test loss {history['test_loss'][-1]:8.3f}"
         parts.append(part if len(labels) == 1 else f"{label}: {part}")
-    return f"epoch {epoch:2d}/{epochs}  " + " | ".join(parts) + f"  {seconds:5.2f} s"
+    threads = histories[0]["threads"][-1]
+    return (f"epoch {epoch:2d}/{epochs}  " + " | ".join(parts) +
+            f"  {seconds:5.2f} s, {threads} thread{'s' if threads > 1 else ''}")
