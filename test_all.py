@@ -1358,29 +1358,33 @@ import sweep_vae  # noqa: E402
 
 def sweep_run(data_root, out, figs, *z_dims, extra=()):
     proc = vae_in_process("--z-dims", *z_dims, "--data-root", data_root, "--out-dir", out, "--figures-dir", figs,
-                          "--epochs", "2", "--device", "cpu", "--threads", "1", *extra, script=sweep_vae)
+                          "--epochs", "2", "--device", "cpu", *extra, script=sweep_vae)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     return proc
 
 
 @pytest.fixture(scope="module")
 def vae_sweep(vae_data_root, tmp_path_factory):
+    """A sweep of z_dims 20, 5 and 2 in two processes: 20 and 2 here, 5 in a spawned one."""
     out = tmp_path_factory.mktemp("vae_sweep")
-    sweep_run(vae_data_root, out, out / "figs", 20, 2)
+    sweep_run(vae_data_root, out, out / "figs", 20, 5, 2, extra=["--processes", "2", "--threads", "1"])
     return out
 
 
-def test_sweep_vae_z20_run_equals_a_lone_vae_run_exactly(vae_sweep, vae_data_root, tmp_path):
-    """Stacking changes nothing for a model: the same init, batches, eps, and float rounding
-    (batched matmuls are per-model GEMMs; each image's loss is summed by one thread)."""
+@pytest.mark.parametrize("z_dim", [20, 5])
+def test_sweep_vae_run_equals_a_lone_vae_run_exactly(z_dim, vae_sweep, vae_data_root, tmp_path):
+    """Stacking and processes change nothing for a model: the same init, batches, eps and float
+    rounding (batched matmuls are per-model GEMMs; each image's loss is summed by one thread).
+    z_dim 20 trained in a stack of two here, z_dim 5 alone in the spawned process."""
     lone = tmp_path / "lone"
-    proc = vae_in_process("--z-dim", 20, "--data-root", vae_data_root, "--out-dir", lone, "--figures-dir",
+    proc = vae_in_process("--z-dim", z_dim, "--data-root", vae_data_root, "--out-dir", lone, "--figures-dir",
                           lone / "figs", "--epochs", "2", "--device", "cpu", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     alone = torch.load(lone / "vae.pt", weights_only=True)
-    swept = torch.load(vae_sweep / "sweep_vae" / "vae_z20.pt", weights_only=True)
+    swept = torch.load(vae_sweep / "sweep_vae" / f"vae_z{z_dim}.pt", weights_only=True)
     assert all(torch.equal(alone["model"][k], swept["model"][k]) for k in alone["model"])
-    run = json.loads((vae_sweep / "sweep_vae.json").read_text())["runs"][0]
+    summary = json.loads((vae_sweep / "sweep_vae.json").read_text())
+    run = next(r for r in summary["runs"] if r["z_dim"] == z_dim)
     for key in vae.HISTORY_KEYS:
         assert alone[key] == swept[key] == run[key], key
     assert alone["config"] == swept["config"]
@@ -1391,11 +1395,12 @@ def test_sweep_vae_summary_and_figures(vae_sweep):
     for key in ("kind", "z_dims", "epochs", "seed", "batch_size", "lr", "n_train", "n_test", "seconds",
                 "threads", "strategy", "runs", "versions"):
         assert key in summary, key
-    assert summary["kind"] == "sweep_vae" and summary["z_dims"] == [20, 2] and summary["threads"] == 1
+    assert summary["kind"] == "sweep_vae" and summary["z_dims"] == [20, 5, 2] and summary["threads"] == 1
+    assert summary["processes"] == 2 and "20 2 / 5" in summary["strategy"]
     assert (summary["epochs"], summary["batch_size"], summary["lr"], summary["seed"]) == (2, 64, 1e-3, 0)
     assert (summary["n_train"], summary["n_test"]) == (VAE_N_TRAIN, VAE_N_TEST)
     for run in summary["runs"]:
-        assert sorted(run) == sorted([*sweep_vae.RUN_KEYS, "checkpoint"])
+        assert sorted(run) == sorted([*sweep_vae.RUN_KEYS, "checkpoint", "epoch_threads"])
         assert all(len(run[key]) == 2 for key in vae.HISTORY_KEYS)
         assert run["test_loss"] == [r + k for r, k in zip(run["test_recon"], run["test_kl"])]
         model, ckpt = vae.load_checkpoint(str(vae_sweep / run["checkpoint"]), z_dim=run["z_dim"])
@@ -1428,7 +1433,7 @@ def test_sweep_vae_without_z_dim_2_draws_placeholders(vae_data_root, tmp_path):
     figs = tmp_path / "figs"
     figs.mkdir()
     (figs / "vae_manifold_2d.png").write_bytes(b"an older figure")
-    proc = sweep_run(vae_data_root, tmp_path / "out", figs, 3, extra=["--limit", "64"])
+    proc = sweep_run(vae_data_root, tmp_path / "out", figs, 3, extra=["--limit", "64", "--processes", "1"])
     assert proc.stdout.count("(placeholder: z_dim 2 is not in this sweep") == 2
     assert (figs / "vae_manifold_2d.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(leftovers(figs)) == sorted(sweep_vae.FIGURE_NAMES)
@@ -1459,6 +1464,8 @@ SWEEP_BAD_INPUTS = [
     ("z_dims_zero", ["--z-dims", "0", "5"], ["--z-dims", "positive integer"]),
     ("z_dims_empty", ["--z-dims"], ["--z-dims", "expected at least one argument"]),
     ("epochs_zero", ["--epochs", "0"], ["--epochs"]),
+    ("processes_zero", ["--processes", "0"], ["--processes"]),
+    ("lr_diverges", ["--lr", "1e30", "--epochs", "1", "--z-dims", "2", "3"], ["non-finite at epoch 1", "lower --lr"]),
     ("no_mnist", ["--data-root", "NO_MNIST"], ["MNIST/raw"]),
     ("plot_only_no_summary", ["--plot-only", "--out-dir", "EMPTY"], ["no sweep results", "make sweep-vae"]),
     ("plot_only_not_json", ["--plot-only", "--out-dir", "not_json"], ["not JSON, or damaged"]),

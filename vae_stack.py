@@ -257,8 +257,8 @@ class ThreadPicker:
 
     def schedule(self, steps):
         """Yield step indices, setting the thread count for each."""
-        step, best = 0, self.candidates[-1]
-        if len(self.candidates) > 1 and steps >= 4 * self.PROBE_STEPS:   # else too short to time
+        step, best = 0, self.candidates[0]     # too short an epoch to time: one thread
+        if len(self.candidates) > 1 and steps >= 4 * self.PROBE_STEPS:
             timings = {}
             for count in self.candidates:
                 torch.set_num_threads(count)
