@@ -106,16 +106,38 @@ $(FIGURES)/sweep_logreg.png: $(OUT)/sweep_logreg.json
 
 vae: $(OUT)/vae.pt ## train the VAE, 15 epochs (and its figures)
 
-$(OUT)/vae.pt: vae.py labio.py $(OUT)/.vae.args $(SETUP)
+# vae.py writes vae_metrics.json, then vae.pt, then the figures, each atomically:
+# a vae.pt is always complete, so an interrupt while the figures are drawn keeps
+# it (.PRECIOUS), and the figures' rule below redoes only them.
+.PRECIOUS: $(OUT)/vae.pt
+$(OUT)/vae.pt: vae.py vae_stack.py labio.py $(OUT)/.vae.args $(SETUP)
 	$(PYTHON) vae.py --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
 	  --device $(DEVICE) $(LIMIT_ARG)
+
+ZDIMS ?= 2 5 10 20 50## latent sizes that make sweep-vae trains, one VAE each
+HELP_VARS += ZDIMS
+SWEEP_VAE_FIGS := $(addprefix $(FIGURES)/,sweep_vae_loss.png sweep_vae_reconstructions.png vae_manifold_2d.png vae_latent_2d.png)
+.PHONY: sweep-vae
+
+sweep-vae: $(OUT)/sweep_vae.json $(SWEEP_VAE_FIGS) ## one VAE per z_dim in ZDIMS, 15 epochs each, and their figures
+
+# As for vae.pt: the checkpoints (OUT/sweep_vae/vae_z*.pt), then sweep_vae.json
+# (the target), then the figures, which their own rule redoes from those files.
+$(OUT)/.sweep-vae.args: STAMP = $(DATA) $(LIMIT) $(DEVICE) $(ZDIMS)
+.PRECIOUS: $(OUT)/sweep_vae.json
+$(OUT)/sweep_vae.json: sweep_vae.py vae.py vae_stack.py labio.py $(OUT)/.sweep-vae.args $(SETUP)
+	$(PYTHON) sweep_vae.py --z-dims $(ZDIMS) --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
+	  --device $(DEVICE) $(LIMIT_ARG)
+
+$(SWEEP_VAE_FIGS) &: $(OUT)/sweep_vae.json vae_figures.py
+	$(PYTHON) sweep_vae.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES) --data-root $(DATA)
 
 figures: $(LOGREG_FIGS) $(VAE_FIGS) ## re-render every figure from saved results, no retraining
 
 $(LOGREG_FIGS) &: $(OUT)/logreg.npz
 	$(PYTHON) logreg.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES)
 
-$(VAE_FIGS) &: $(OUT)/vae.pt
+$(VAE_FIGS) &: $(OUT)/vae.pt vae_figures.py
 	$(PYTHON) vae.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES) --data-root $(DATA)
 
 report: $(REPORT) ## one page with every result and figure, read from the saved artifacts

@@ -1552,7 +1552,7 @@ def vae_trained(vae_data_root, tmp_path_factory):
     threads = torch.get_num_threads()  # main() may set --threads; restore it
     try:
         vae.main(["--data-root", vae_data_root, "--out-dir", str(out), "--figures-dir", str(out / "figs"),
-                  "--epochs", "2", "--z-dim", "4", "--device", "cpu", "--seed", "3"])
+                  "--epochs", "2", "--z-dim", "4", "--device", "cpu", "--seed", "3", "--threads", "1"])
     finally:
         torch.set_num_threads(threads)
     return out
@@ -1578,10 +1578,6 @@ def test_vae_generate_samples_decodes_standard_normal_z():
     assert not torch.equal(samples, vae.generate_samples(model, 16, seed=8))
 
 
-def vae_cli(*args):
-    return run_cli("vae.py", *args, timeout=120)
-
-
 # ------------------------------------------------------------------ model
 
 def test_vae_shapes():
@@ -1590,6 +1586,27 @@ def test_vae_shapes():
     assert recon.shape == (5, 784) and mu.shape == (5, 7) and logvar.shape == (5, 7)
     assert recon.min() >= 0 and recon.max() <= 1
     assert model.decoder(torch.zeros(3, 7)).shape == (3, 784)
+
+
+def test_vae_accepts_the_assignments_input_shapes():
+    """The assignment flattens with x.view(-1, 784): N x 1 x 28 x 28, N x 28 x 28 and N x 784 give the same."""
+    torch.manual_seed(0)
+    model = vae.VAE(6)
+    flat = torch.rand(5, 784)
+    shapes = [flat.view(5, 1, 28, 28), flat.view(5, 28, 28), flat]
+    with torch.no_grad():
+        encoded = [model.encoder(x) for x in shapes]
+        outputs = []
+        for x in shapes:
+            torch.manual_seed(1)
+            outputs.append(model(x))
+    for (mu, logvar), (recon, mu2, logvar2) in zip(encoded, outputs):
+        assert torch.equal(mu, encoded[2][0]) and torch.equal(logvar, encoded[2][1])
+        assert torch.equal(mu2, mu) and torch.equal(recon, outputs[2][0]) and recon.shape == (5, 784)
+    recon = outputs[2][0]
+    losses = [vae.loss_function(r, x, mu, logvar) for r in (recon, recon.view(5, 1, 28, 28))
+              for x in shapes]
+    assert all(torch.equal(loss, losses[0]) for loss in losses)
 
 
 def test_vae_layer_names_match_the_assignment():
@@ -1665,6 +1682,95 @@ def test_vae_reparameterize_statistics_and_gradients():
     assert logvar.grad.abs().sum() > 0 and torch.isfinite(logvar.grad).all()
 
 
+# ------------------------------------------- hand-written step (vae_stack)
+
+def stack_grad(stack, param):
+    """The gradient the stack wrote for a module parameter (a view of its flat buffer)."""
+    offset = (param.data_ptr() - stack.flat.data_ptr()) // param.element_size()
+    return stack.flat.grad[offset:offset + param.numel()].view(param.shape)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous-bernoulli"])
+def test_vae_stack_gradients_match_autograd(likelihood):
+    """Oracle: autograd in float64 through the assignment-named modules, same eps."""
+    torch.manual_seed(0)
+    models = [vae.VAE(3), vae.VAE(20)]
+    references = [copy.deepcopy(m).double() for m in models]
+    x = torch.rand(16, 784, generator=torch.Generator().manual_seed(1))
+    from vae_stack import StackedVAEs
+
+    stack = StackedVAEs(models)
+    losses = stack.step(x, [torch.Generator().manual_seed(5) for _ in models], likelihood)
+    for k, (model, reference) in enumerate(zip(models, references)):
+        mu, logvar = reference.encoder(x.double())
+        eps = torch.randn(16, model.z_dim, generator=torch.Generator().manual_seed(5)).double()
+        logits = reference.decoder.logits(mu + eps * torch.exp(0.5 * logvar))
+        loss = vae.loss_from_logits(logits, x.double(), mu, logvar, likelihood)
+        loss.backward()
+        assert losses[k].item() == pytest.approx(loss.item(), rel=2e-5)
+        for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
+            error = (stack_grad(stack, param).double() - ref.grad).abs().max() / ref.grad.abs().max()
+            assert error < 5e-5, (k, name, error.item())
+    stack.release()
+
+
+def test_vae_stack_trains_like_autograd_and_adam(vae_data_root, vae_one_thread):
+    """Two models stacked for one epoch (8 steps) end where the assignment's way of
+    training (autograd, loss_function on probabilities, torch's Adam) takes each of
+    them on the same batches and eps."""
+    train_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=True), limit=120)   # a short last batch
+    torch.manual_seed(0)
+    models = [vae.VAE(2), vae.VAE(6)]
+    references = [copy.deepcopy(m) for m in models]
+    vae.train_stack(models, train_x, epochs=1, batch_size=16, seed=4, progress=False, log=None)
+    for model, reference in zip(models, references):
+        optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3)
+        shuffled = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(4))]
+        eps = torch.Generator().manual_seed(5)
+        for start in range(0, len(train_x), 16):
+            x = shuffled[start:start + 16]
+            logits, mu, logvar = reference.forward_logits(x, eps)
+            optimizer.zero_grad()
+            vae.loss_function(torch.sigmoid(logits), x, mu, logvar).backward()
+            optimizer.step()
+        # Adam moves every weight by about lr = 1e-3 per step, whatever the gradient's
+        # size, so a wrong gradient shows up as ~1e-3; float rounding on near-zero
+        # gradients gives up to ~1e-5 here.
+        for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+            assert torch.allclose(ours, theirs, rtol=0, atol=1e-4), name
+
+
+def test_vae_stack_numbers_do_not_depend_on_the_thread_count(vae_data_root):
+    """1 thread, 2 threads, or ThreadPicker's choice per epoch (64 steps: it probes both):
+    the same weights and losses, so choosing the faster count changes no number."""
+    train_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=True), limit=128)
+    test_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=False))
+
+    def run(threads):
+        models = []
+        for z_dim in (3, 20):
+            torch.manual_seed(0)
+            models.append(vae.VAE(z_dim))
+        histories = vae.train_stack(models, train_x, test_x, epochs=2, batch_size=2, threads=threads,
+                                    progress=False, log=None)
+        return histories, [m.state_dict() for m in models]
+
+    initial = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = {threads: run(threads) for threads in (1, 2, None)}
+    finally:
+        torch.set_num_threads(initial)
+    assert torch.get_num_threads() == initial
+    (one, one_weights), (two, two_weights) = runs[1], runs[2]
+    assert [h["threads"] for h in one] == [[1, 1]] * 2 and [h["threads"] for h in two] == [[2, 2]] * 2
+    assert all(set(h["threads"]) <= {1, 2} for h in runs[None][0])
+    for histories, weights in runs.values():
+        for k in range(2):
+            assert all(histories[k][key] == one[k][key] for key in vae.HISTORY_KEYS)
+            assert all(torch.equal(weights[k][name], one_weights[k][name]) for name in weights[k])
+
+
 # ------------------------------------------------------------------- data
 
 def test_vae_preloaded_pixels_equal_totensor(vae_data_root):
@@ -1697,10 +1803,10 @@ def test_vae_one_short_epoch_lowers_the_loss(vae_data_root, vae_one_thread):
     train_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=True))
     torch.manual_seed(0)
     model = vae.VAE(8)
-    before = vae.evaluate(model, train_x)
-    losses, tests = vae.train_vae(model, train_x, epochs=1, batch_size=32, log=None, progress=False)
-    assert tests == [] and len(losses) == 1
-    assert vae.evaluate(model, train_x) < 0.8 * before
+    before = sum(vae.evaluate(model, train_x))
+    history = vae.train_vae(model, train_x, epochs=1, batch_size=32, log=None, progress=False)
+    assert history["test_loss"] == [] and len(history["train_loss"]) == 1
+    assert sum(vae.evaluate(model, train_x)) < 0.8 * before
 
 
 def test_vae_same_seed_same_losses_and_seed_matters(vae_data_root, vae_one_thread):
@@ -1709,7 +1815,8 @@ def test_vae_same_seed_same_losses_and_seed_matters(vae_data_root, vae_one_threa
 
     def run(seed):
         torch.manual_seed(seed)
-        return vae.train_vae(vae.VAE(4), train_x, test_x, epochs=2, seed=seed, log=None, progress=False)
+        history = vae.train_vae(vae.VAE(4), train_x, test_x, epochs=2, seed=seed, log=None, progress=False)
+        return {k: history[k] for k in vae.HISTORY_KEYS}
 
     assert run(5) == run(5)
     assert run(5) != run(6)
@@ -1723,30 +1830,110 @@ def test_vae_cli_same_seed_same_losses_with_limit(vae_data_root, tmp_path, vae_o
         return torch.load(out / "vae.pt", weights_only=True)
 
     first, second = run("a"), run("b")
-    assert first["config"]["n_train"] == 128 and first["config"]["n_test"] == 64
+    assert first["n_train"] == 128 and first["n_test"] == 64
     assert first["train_loss"] == second["train_loss"] and first["test_loss"] == second["test_loss"]
     assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
 
 
-def test_vae_cli_outputs_and_checkpoint_round_trip(vae_trained, vae_data_root):
-    ckpt_path = vae_trained / "vae.pt"
-    model, ckpt = vae.load_checkpoint(str(ckpt_path), z_dim=4)
-    assert ckpt["config"]["z_dim"] == 4 and ckpt["seed"] == 3 and len(ckpt["train_loss"]) == 2
-    assert len(ckpt["test_loss"]) == 2 and "torch" in ckpt["versions"]
+def vae_outputs(directory):
+    """{name: PNG pixels (numpy)} of the figures in ``directory``."""
+    from matplotlib.image import imread
+
+    return {name: imread(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
+            if name.endswith(".png")}
+
+
+def vae_train_tiny(data_root, z_dim, seed):
+    """(model, history, train_x, test_x): 2 epochs on the tiny MNIST, as vae.py trains."""
+    train_x, _ = vae.preload(vae.load_mnist(data_root, train=True))
+    test_x, _ = vae.preload(vae.load_mnist(data_root, train=False))
+    torch.manual_seed(seed)
+    model = vae.VAE(z_dim)
+    history = vae.train_vae(model, train_x, test_x, epochs=2, seed=seed, log=None, progress=False)
+    return model, history, train_x, test_x
+
+
+def test_vae_checkpoint_round_trip_equals_the_trained_model(vae_data_root, tmp_path, vae_one_thread):
+    """Train in this process, save, load: the loaded model computes what the model in memory does."""
+    trained, history, train_x, test_x = vae_train_tiny(vae_data_root, 5, seed=2)
+    path = str(tmp_path / "vae.pt")
+    config = vae.VAEConfig(z_dim=5, epochs=2, seed=2)
+    vae.save_checkpoint(path, trained, config=config, history=history, run={"n_train": len(train_x)})
+    loaded, ckpt = vae.load_checkpoint(path)
+    with torch.no_grad():
+        for a, b in zip(trained.encoder(test_x), loaded.encoder(test_x)):
+            assert torch.equal(a, b)
+        z = torch.randn(16, 5)
+        assert torch.equal(trained.decoder(z), loaded.decoder(z))
+    assert vae.VAEConfig.from_dict(ckpt["config"]) == config
+    assert all(ckpt[key] == history[key] for key in vae.HISTORY_KEYS) and ckpt["n_train"] == len(train_x)
+
+
+def test_vae_cli_checkpoint_holds_the_model_an_in_process_run_trains(vae_trained, vae_data_root, vae_one_thread):
+    """The CLI's vae.pt has the weights that train_vae gives with the same settings, recomputed here."""
+    model, history, _, _ = vae_train_tiny(vae_data_root, 4, seed=3)
+    ckpt = torch.load(vae_trained / "vae.pt", weights_only=True)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(ckpt["model"][name], tensor), name
+    assert ckpt["train_loss"] == history["train_loss"] and ckpt["test_kl"] == history["test_kl"]
+
+
+def test_vae_metrics_agree_with_an_independent_evaluation(vae_trained, vae_data_root):
+    """The final test loss and its terms, recomputed from the saved model with the recorded seed."""
     metrics = json.loads((vae_trained / "vae_metrics.json").read_text())
-    assert metrics["train_loss"] == ckpt["train_loss"][-1] and metrics["epochs"] == 2
-    assert sorted(os.listdir(vae_trained / "figs")) == sorted(vae.FIGURE_NAMES)
-    # The reloaded model computes exactly what the saved weights compute.
-    reference = vae.VAE(4)
-    reference.load_state_dict(ckpt["model"])
-    x = torch.rand(16, 784)
-    assert torch.equal(model.encoder(x)[0], reference.encoder(x)[0])
-    assert torch.equal(model.decoder(torch.ones(3, 4)), reference.decoder(torch.ones(3, 4)))
-    # Re-rendering from the checkpoint reproduces the figures byte for byte.
-    figs = vae_trained / "figs_again"
-    vae.main(["--plot-only", "--out-dir", str(vae_trained), "--figures-dir", str(figs)])
-    for name in ("vae_samples.png", "vae_reconstructions.png", "vae_interpolation.png"):
-        assert (figs / name).read_bytes() == (vae_trained / "figs" / name).read_bytes()
+    model, ckpt = vae.load_checkpoint(str(vae_trained / "vae.pt"))
+    test_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=False))
+    recon, kl = vae.evaluate(model, test_x, seed=metrics["seed"])
+    assert metrics["test_recon"] == pytest.approx(recon, rel=1e-6)
+    assert metrics["test_kl"] == pytest.approx(kl, rel=1e-6)
+    assert metrics["test_loss"] == pytest.approx(recon + kl, rel=1e-6)
+    assert metrics["test_recon_per_epoch"][-1] == metrics["test_recon"] and len(metrics["test_kl_per_epoch"]) == 2
+    assert metrics["threads"] == 1 and metrics["n_test"] == VAE_N_TEST and "torch" in metrics["versions"]
+    for key in ("train_loss_per_epoch", "test_loss_per_epoch", "seconds", "epochs", "z_dim", "n_train",
+                "seed", "device"):
+        assert key in metrics, key
+
+
+def test_vae_plot_only_reproduces_the_figures_pixel_for_pixel(vae_trained, tmp_path):
+    again = tmp_path / "again"
+    vae.main(["--plot-only", "--out-dir", str(vae_trained), "--figures-dir", str(again)])
+    first, second = vae_outputs(vae_trained / "figs"), vae_outputs(again)
+    assert sorted(first) == sorted(second) == sorted(vae.FIGURE_NAMES)
+    for name in first:
+        assert np.array_equal(first[name], second[name]), name
+
+
+def test_vae_plot_only_renders_a_bare_state_dict(vae_data_root, tmp_path, capsys):
+    """The assignment's notebook saves model.state_dict(): every figure is drawn from it, the loss
+    plot as a labelled placeholder; the samples grid is the one generate_samples gives."""
+    torch.manual_seed(0)
+    model = vae.VAE(7)
+    torch.save(model.state_dict(), tmp_path / "notebook.pt")
+    vae.main(["--plot-only", "--checkpoint", str(tmp_path / "notebook.pt"), "--figures-dir",
+              str(tmp_path / "figs"), "--data-root", vae_data_root, "--seed", "4"])
+    out = capsys.readouterr().out
+    assert "vae_loss.png (placeholder: no training history" in out and out.count("placeholder") == 1
+    vae_figures_grid = tmp_path / "expected.png"
+    vae.vf.save_grid(vae.generate_samples(model, 64, seed=4), str(vae_figures_grid), nrow=8)
+    figures = vae_outputs(tmp_path / "figs")
+    assert sorted(figures) == sorted(vae.FIGURE_NAMES)
+    from matplotlib.image import imread
+
+    assert np.array_equal(figures["vae_samples.png"], imread(vae_figures_grid))
+
+
+def test_vae_one_class_test_set_gets_a_placeholder_interpolation(vae_data_root, tmp_path):
+    """--limit 1 leaves no pair of digits to interpolate: the figure says so and replaces an older one."""
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    (figs / "vae_interpolation.png").write_bytes(b"an older figure")
+    proc = vae_in_process("--data-root", vae_data_root, "--out-dir", tmp_path / "out", "--figures-dir", figs,
+                          "--limit", "1", "--epochs", "1", "--device", "cpu", "--threads", "1")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert "vae_interpolation.png (placeholder: no interpolation: the 1 test image(s)" in proc.stdout
+    assert (figs / "vae_interpolation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(leftovers(figs)) == sorted(vae.FIGURE_NAMES)
+    assert sorted(leftovers(tmp_path / "out")) == ["vae.pt", "vae_metrics.json"]
 
 
 def test_vae_non_finite_loss_stops_in_process(vae_data_root, vae_one_thread):
@@ -1758,42 +1945,369 @@ def test_vae_non_finite_loss_stops_in_process(vae_data_root, vae_one_thread):
 
 # ------------------------------------------------------------- CLI errors
 
-def test_vae_cli_non_finite_loss_writes_nothing(vae_data_root, tmp_path):
+def vae_in_process(*args, script=vae):
+    """``script``'s command line (vae.py by default) run in this process through
+    labio.run_main, as a CompletedProcess-like result (returncode, stdout, stderr); offline."""
+    import contextlib
+    import io
+    import types
+
+    import labio
+
+    saved_argv, saved_env = sys.argv, dict(os.environ)
+    saved_term, threads = signal.getsignal(signal.SIGTERM), torch.get_num_threads()
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    sys.argv = [f"{script.__name__}.py", *map(str, args)]
+    os.environ.update(OFFLINE_ENV)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            labio.run_main(script.main)
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        signal.signal(signal.SIGTERM, saved_term)
+        torch.set_num_threads(threads)
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def vae_bad_files(vae_trained, tmp_path_factory):
+    """Files that a user may hand to vae.py by mistake."""
+    root = tmp_path_factory.mktemp("vae_bad")
+    good = torch.load(vae_trained / "vae.pt", weights_only=True)
+    torch.manual_seed(0)
+
+    def save(name, obj):
+        torch.save(obj, root / name)
+        return root / name
+
+    state = vae.VAE(4).state_dict()
+    files = {
+        "garbage": root / "garbage.pt", "truncated": root / "truncated.pt",
+        "list": save("list.pt", [1, 2, 3]),
+        "whole_module": save("whole_module.pt", vae.VAE(4)),
+        "other_model": save("other_model.pt", torch.nn.Linear(784, 10).state_dict()),
+        "wrong_shapes": save("wrong_shapes.pt", {**state, "encoder.fc1.weight": torch.zeros(300, 784)}),
+        "missing_key": save("missing_key.pt", {k: v for k, v in state.items() if k != "decoder.fc4.bias"}),
+        "wrong_format": save("wrong_format.pt", {**good, "format": "someone else's checkpoint"}),
+        "lacks_key": save("lacks_key.pt", {k: v for k, v in good.items() if k != "test_kl"}),
+        "bad_config": save("bad_config.pt", {**good, "config": {**good["config"], "z_dim": "four"}}),
+        "config_vs_weights": save("config_vs_weights.pt", {**good, "config": {**good["config"], "z_dim": 9}}),
+        "directory": root / "a_directory",
+        "absent": root / "absent.pt",
+    }
+    files["garbage"].write_bytes(b"\x80\x04 this is not a checkpoint")
+    files["truncated"].write_bytes((vae_trained / "vae.pt").read_bytes()[:3000])
+    files["directory"].mkdir()
+    empty_mnist = root / "no_mnist"
+    empty_mnist.mkdir()
+    damaged = make_mnist(str(root / "damaged_mnist"), 10, 10)
+    with open(os.path.join(damaged, "MNIST", "raw", "train-images-idx3-ubyte"), "r+b") as f:
+        f.truncate(100)
+    (root / "holder").mkdir()
+    a_file = root / "holder" / "a_file"     # its folder is checked too: nothing may appear there
+    a_file.write_text("not a directory")
+    return dict(files, no_mnist=empty_mnist, damaged_mnist=damaged, a_file=a_file)
+
+
+# (id, arguments, fragments of the one-line message); OUT, FIGS, DATA, CKPT and the
+# names of vae_bad_files are replaced by paths.
+VAE_BAD_INPUTS = [
+    ("epochs_zero", ["--epochs", "0"], ["--epochs", "positive integer"]),
+    ("lr_negative", ["--lr", "-1"], ["--lr", "positive number"]),
+    ("lr_diverges", ["--lr", "1e30", "--epochs", "2"], ["non-finite at epoch 1", "lower --lr"]),
+    ("batch_size_zero", ["--batch-size", "0"], ["--batch-size"]),
+    ("z_dim_text", ["--z-dim", "four"], ["--z-dim"]),
+    ("threads_zero", ["--threads", "0"], ["--threads"]),
+    ("limit_zero", ["--limit", "0"], ["--limit"]),
+    ("seed_too_large", ["--seed", str(2 ** 70)], ["--seed"]),
+    ("likelihood_unknown", ["--likelihood", "gaussian"], ["--likelihood", "invalid choice"]),
+    ("flag_unknown", ["--frobnicate"], ["unrecognized arguments"]),
+    ("checkpoint_without_plot_only", ["--checkpoint", "CKPT"], ["--checkpoint", "--plot-only"]),
+    ("no_mnist_offline", ["--data-root", "no_mnist"], ["MNIST/raw", "could not be downloaded"]),
+    ("damaged_mnist", ["--data-root", "damaged_mnist"], ["damaged", "train-images-idx3-ubyte"]),
+    ("out_dir_under_a_file", ["--out-dir", "a_file/out"], ["cannot create output directory", "not a directory"]),
+    ("figures_dir_under_a_file", ["--figures-dir", "a_file/figs"], ["cannot create output directory"]),
+    ("plot_only_absent", ["--plot-only", "--checkpoint", "absent"], ["no checkpoint at", "make vae"]),
+    ("plot_only_garbage", ["--plot-only", "--checkpoint", "garbage"], ["not a torch file, or damaged"]),
+    ("plot_only_truncated", ["--plot-only", "--checkpoint", "truncated"], ["not a torch file, or damaged"]),
+    ("plot_only_directory", ["--plot-only", "--checkpoint", "directory"], ["is a directory"]),
+    ("plot_only_list", ["--plot-only", "--checkpoint", "list"], ["holds a list"]),
+    ("plot_only_whole_module", ["--plot-only", "--checkpoint", "whole_module"], ["pickled", "state_dict()"]),
+    ("plot_only_other_model", ["--plot-only", "--checkpoint", "other_model"],
+     ["not a state_dict of the assignment's VAE", "weight, bias"]),
+    ("plot_only_wrong_shapes", ["--plot-only", "--checkpoint", "wrong_shapes"],
+     ["encoder.fc1.weight (300, 784), expected (400, 784)"]),
+    ("plot_only_missing_key", ["--plot-only", "--checkpoint", "missing_key"], ["missing decoder.fc4.bias"]),
+    ("plot_only_wrong_format", ["--plot-only", "--checkpoint", "wrong_format"],
+     ["format \"someone else's checkpoint\"", "vae.py checkpoint v2"]),
+    ("plot_only_lacks_key", ["--plot-only", "--checkpoint", "lacks_key"], ["lacks test_kl"]),
+    ("plot_only_bad_config", ["--plot-only", "--checkpoint", "bad_config"], ["config z_dim='four'"]),
+    ("plot_only_config_vs_weights", ["--plot-only", "--checkpoint", "config_vs_weights"],
+     ["says z_dim 9", "weights have z_dim 4"]),
+    ("plot_only_other_z_dim", ["--plot-only", "--checkpoint", "CKPT", "--z-dim", "20"],
+     ["has z_dim 4", "--z-dim 20"]),
+    ("plot_only_no_mnist", ["--plot-only", "--checkpoint", "CKPT", "--data-root", "no_mnist"], ["MNIST/raw"]),
+]
+
+
+def vae_bad_argv(arguments, vae_bad_files, out, figs, data_root, checkpoint):
+    names = {**{k: str(v) for k, v in vae_bad_files.items()}, "CKPT": str(checkpoint)}
+    argv = [names.get(a, a) for a in arguments]
+    argv = [str(vae_bad_files["a_file"]) + a[len("a_file"):] if a.startswith("a_file/") else a for a in argv]
+    defaults = {"--out-dir": str(out), "--figures-dir": str(figs), "--data-root": data_root}
+    for flag, value in defaults.items():
+        if flag not in argv:
+            argv += [flag, value]
+    return argv + ["--device", "cpu", "--threads", "1"] * ("--threads" not in argv and "--device" not in argv)
+
+
+@pytest.fixture
+def vae_older_outputs(vae_trained, tmp_path):
+    """OUT and FIGURES holding a previous run's outputs, which a failed run must leave alone."""
+    import shutil
+
     out, figs = tmp_path / "out", tmp_path / "figs"
-    result = vae_cli("--data-root", vae_data_root, "--out-dir", str(out), "--figures-dir", str(figs),
-                         "--lr", "1e30", "--epochs", "2", "--device", "cpu")
-    line = assert_user_error(result)
-    assert "non-finite at epoch 1" in line and "--lr" in line
-    assert not any(p.is_file() for d in (out, figs) if d.exists() for p in d.iterdir())
+    out.mkdir()
+    for name in ("vae.pt", "vae_metrics.json"):
+        shutil.copy2(vae_trained / name, out / name)
+    shutil.copytree(vae_trained / "figs", figs)
+    return out, figs
 
 
-def test_vae_cli_plot_only_without_checkpoint(tmp_path):
-    result = vae_cli("--plot-only", "--out-dir", str(tmp_path), "--figures-dir", str(tmp_path / "f"))
-    line = assert_user_error(result)
-    assert "no checkpoint at" in line and "make vae" in line
-    assert not (tmp_path / "f").exists() or not os.listdir(tmp_path / "f")
+@pytest.mark.parametrize("case", VAE_BAD_INPUTS, ids=[c[0] for c in VAE_BAD_INPUTS])
+def test_vae_bad_input_is_one_line_and_changes_no_file(case, vae_bad_files, vae_older_outputs, vae_data_root):
+    _, arguments, fragments = case
+    out, figs = vae_older_outputs
+    argv = vae_bad_argv(arguments, vae_bad_files, out, figs, vae_data_root, out / "vae.pt")
+    before = snapshot(out, figs, vae_bad_files["a_file"].parent)
+    assert_rejected(vae_in_process(*argv), before, [out, figs, vae_bad_files["a_file"].parent], *fragments)
 
 
-def test_vae_cli_checkpoint_with_other_z_dim(vae_trained, tmp_path):
-    result = vae_cli("--plot-only", "--out-dir", str(vae_trained), "--figures-dir", str(tmp_path),
-                         "--z-dim", "20")
-    assert "z_dim 4" in assert_user_error(result)
-    assert os.listdir(tmp_path) == []
+@pytest.mark.parametrize("name", ["flag_unknown", "plot_only_garbage"])
+def test_vae_bad_input_as_a_real_process(name, vae_bad_files, vae_older_outputs, vae_data_root):
+    """A few of the above through a real interpreter: nothing else reaches stderr."""
+    _, arguments, fragments = next(c for c in VAE_BAD_INPUTS if c[0] == name)
+    out, figs = vae_older_outputs
+    argv = vae_bad_argv(arguments, vae_bad_files, out, figs, vae_data_root, out / "vae.pt")
+    before = snapshot(out, figs)
+    proc = run_cli("vae.py", *argv, env=OFFLINE_ENV, timeout=120)
+    assert proc.returncode == 2
+    assert_rejected(proc, before, [out, figs], *fragments)
 
 
-def test_vae_cli_corrupt_checkpoint(tmp_path):
-    (tmp_path / "vae.pt").write_bytes(b"\x80\x04 this is not a checkpoint")
-    result = vae_cli("--plot-only", "--out-dir", str(tmp_path), "--figures-dir", str(tmp_path / "f"))
-    assert "corrupt" in assert_user_error(result)
-    assert not (tmp_path / "f").exists() or not os.listdir(tmp_path / "f")
+def test_vae_bad_inputs_are_many_and_distinct():
+    assert len({c[0] for c in VAE_BAD_INPUTS}) == len(VAE_BAD_INPUTS) >= 12
 
 
-@pytest.mark.parametrize("flags", [["--epochs", "0"], ["--lr", "-1"], ["--likelihood", "gaussian"],
-                                   ["--seed", str(2 ** 70)]])
-def test_vae_cli_nonsense_flags(flags, tmp_path):
-    result = vae_cli("--out-dir", str(tmp_path / "o"), "--figures-dir", str(tmp_path / "f"), *flags)
-    assert flags[0] in assert_user_error(result)
-    assert os.listdir(tmp_path) == []
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_vae_device_cuda_without_a_gpu(vae_older_outputs, vae_data_root):
+    out, figs = vae_older_outputs
+    before = snapshot(out, figs)
+    proc = vae_in_process("--device", "cuda", "--out-dir", out, "--figures-dir", figs, "--data-root", vae_data_root)
+    assert_rejected(proc, before, [out, figs], "--device cuda", "no CUDA GPU")
+
+
+def test_vae_failed_run_creates_no_directory(vae_bad_files, tmp_path):
+    """MNIST missing: the output directories are checked first but not created."""
+    proc = vae_in_process("--data-root", vae_bad_files["no_mnist"], "--out-dir", tmp_path / "a" / "out",
+                          "--figures-dir", tmp_path / "b" / "figs")
+    assert_user_error(proc, "MNIST/raw")
+    assert leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------- interrupts
+
+VAE_INTERRUPT_CODE = """
+import sys, time
+import labio, vae
+moment = sys.argv[1]
+if moment == "training":      # stop in the first epoch's log line
+    train_vae = vae.train_vae
+    def slow_log(line):
+        print("TRAINING", flush=True)
+        time.sleep(60)
+    vae.train_vae = lambda *a, **k: train_vae(*a, **dict(k, log=slow_log))
+else:                         # stop while the first figure is drawn, after vae.pt
+    def slow_plot(*args, **kwargs):
+        print("FIGURES", flush=True)
+        time.sleep(60)
+    vae.vf.plot_loss = slow_plot
+sys.argv = ["vae.py"] + sys.argv[2:]
+labio.run_main(vae.main)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("moment", ["training", "figures"])
+def test_vae_interrupt_leaves_each_output_complete_or_absent(moment, sig, vae_data_root, tmp_path):
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    code, err = interrupt_at(moment.upper(), VAE_INTERRUPT_CODE,
+                             [moment, "--data-root", vae_data_root, "--out-dir", out, "--figures-dir", figs,
+                              "--epochs", "2", "--limit", "64", "--device", "cpu", "--threads", "1"], sig=sig)
+    assert code == 130 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0], err
+    everything = [f"vae_metrics.json", "vae.pt", *vae.FIGURE_NAMES]
+    if moment == "training":
+        assert "nothing was completed" in lines[0] and all(name in lines[0] for name in everything)
+        assert leftovers(out) == [] and leftovers(figs) == []
+    else:
+        completed, missing = lines[0].split("not written:")
+        assert "vae_metrics.json" in completed and "vae.pt" in completed
+        assert all(name in missing for name in vae.FIGURE_NAMES), lines[0]
+        assert leftovers(out) == ["vae.pt", "vae_metrics.json"] and leftovers(figs) == []
+        vae.load_checkpoint(str(out / "vae.pt"))           # complete: it loads and checks
+        assert json.loads((out / "vae_metrics.json").read_text())["epochs"] == 2
+
+
+# ------------------------------------------------------------ sweep_vae.py
+
+import sweep_vae  # noqa: E402
+
+
+def sweep_run(data_root, out, figs, *z_dims, extra=()):
+    proc = vae_in_process("--z-dims", *z_dims, "--data-root", data_root, "--out-dir", out, "--figures-dir", figs,
+                          "--epochs", "2", "--device", "cpu", *extra, script=sweep_vae)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def vae_sweep(vae_data_root, tmp_path_factory):
+    """A sweep of z_dims 20, 5 and 2 in two processes: 20 and 2 here, 5 in a spawned one."""
+    out = tmp_path_factory.mktemp("vae_sweep")
+    sweep_run(vae_data_root, out, out / "figs", 20, 5, 2, extra=["--processes", "2", "--threads", "1"])
+    return out
+
+
+@pytest.mark.parametrize("z_dim", [20, 5])
+def test_sweep_vae_run_equals_a_lone_vae_run_exactly(z_dim, vae_sweep, vae_data_root, tmp_path):
+    """Stacking and processes change nothing for a model: the same init, batches, eps and float
+    rounding (batched matmuls are per-model GEMMs; each image's loss is summed by one thread).
+    z_dim 20 trained in a stack of two here, z_dim 5 alone in the spawned process."""
+    lone = tmp_path / "lone"
+    proc = vae_in_process("--z-dim", z_dim, "--data-root", vae_data_root, "--out-dir", lone, "--figures-dir",
+                          lone / "figs", "--epochs", "2", "--device", "cpu", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    alone = torch.load(lone / "vae.pt", weights_only=True)
+    swept = torch.load(vae_sweep / "sweep_vae" / f"vae_z{z_dim}.pt", weights_only=True)
+    assert all(torch.equal(alone["model"][k], swept["model"][k]) for k in alone["model"])
+    summary = json.loads((vae_sweep / "sweep_vae.json").read_text())
+    run = next(r for r in summary["runs"] if r["z_dim"] == z_dim)
+    for key in vae.HISTORY_KEYS:
+        assert alone[key] == swept[key] == run[key], key
+    assert alone["config"] == swept["config"]
+
+
+def test_sweep_vae_summary_and_figures(vae_sweep):
+    summary = json.loads((vae_sweep / "sweep_vae.json").read_text())
+    for key in ("kind", "z_dims", "epochs", "seed", "batch_size", "lr", "n_train", "n_test", "seconds",
+                "threads", "strategy", "runs", "versions"):
+        assert key in summary, key
+    assert summary["kind"] == "sweep_vae" and summary["z_dims"] == [20, 5, 2] and summary["threads"] == 1
+    assert summary["processes"] == 2 and "20 2 / 5" in summary["strategy"]
+    assert (summary["epochs"], summary["batch_size"], summary["lr"], summary["seed"]) == (2, 64, 1e-3, 0)
+    assert (summary["n_train"], summary["n_test"]) == (VAE_N_TRAIN, VAE_N_TEST)
+    for run in summary["runs"]:
+        assert sorted(run) == sorted([*sweep_vae.RUN_KEYS, "checkpoint", "epoch_threads"])
+        assert all(len(run[key]) == 2 for key in vae.HISTORY_KEYS)
+        assert run["test_loss"] == [r + k for r, k in zip(run["test_recon"], run["test_kl"])]
+        model, ckpt = vae.load_checkpoint(str(vae_sweep / run["checkpoint"]), z_dim=run["z_dim"])
+        assert ckpt["train_loss"] == run["train_loss"]
+    assert sorted(leftovers(vae_sweep / "figs")) == sorted(sweep_vae.FIGURE_NAMES)
+
+
+def test_sweep_vae_plot_only_reproduces_the_figures_pixel_for_pixel(vae_sweep, vae_data_root, tmp_path):
+    proc = vae_in_process("--plot-only", "--out-dir", vae_sweep, "--figures-dir", tmp_path, "--data-root",
+                          vae_data_root, script=sweep_vae)
+    assert proc.returncode == 0 and "placeholder" not in proc.stdout, proc.stderr
+    first, second = vae_outputs(vae_sweep / "figs"), vae_outputs(tmp_path)
+    assert sorted(first) == sorted(second) == sorted(sweep_vae.FIGURE_NAMES)
+    for name in first:
+        assert np.array_equal(first[name], second[name]), name
+
+
+def test_sweep_vae_manifold_lattice_is_standard_normal_quantiles():
+    from scipy.stats import norm
+
+    codes, quantiles = sweep_vae.manifold_codes(20)
+    expected = norm.ppf(np.linspace(0.05, 0.95, 20))
+    assert np.allclose(quantiles.numpy(), expected, atol=1e-5)
+    grid = codes.view(20, 20, 2)   # row i, column j
+    assert torch.equal(grid[:, :, 0], quantiles.expand(20, 20))               # z1 along a row
+    assert torch.equal(grid[:, :, 1], quantiles.flip(0)[:, None].expand(20, 20))  # z2 falls down the rows
+
+
+def test_sweep_vae_without_z_dim_2_draws_placeholders(vae_data_root, tmp_path):
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    (figs / "vae_manifold_2d.png").write_bytes(b"an older figure")
+    proc = sweep_run(vae_data_root, tmp_path / "out", figs, 3, extra=["--limit", "64", "--processes", "1"])
+    assert proc.stdout.count("(placeholder: z_dim 2 is not in this sweep") == 2
+    assert (figs / "vae_manifold_2d.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(leftovers(figs)) == sorted(sweep_vae.FIGURE_NAMES)
+
+
+@pytest.fixture(scope="module")
+def sweep_bad_files(vae_sweep, tmp_path_factory):
+    """OUT folders holding a sweep_vae.json that does not fit."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("sweep_bad")
+    cases = {}
+    for name, edit in {
+        "not_json": lambda out: (out / "sweep_vae.json").write_text("{ not json"),
+        "other_kind": lambda out: (out / "sweep_vae.json").write_text(json.dumps({"kind": "sweep_logreg"})),
+        "no_runs": lambda out: (out / "sweep_vae.json").write_text(json.dumps({"kind": "sweep_vae", "runs": []})),
+        "lost_checkpoint": lambda out: (out / "sweep_vae" / "vae_z2.pt").unlink(),
+        "mixed_runs": lambda out: shutil.copy(out / "sweep_vae" / "vae_z20.pt", out / "sweep_vae" / "vae_z2.pt"),
+    }.items():
+        shutil.copytree(vae_sweep, root / name, ignore=shutil.ignore_patterns("figs"))
+        edit(root / name)
+        cases[name] = root / name
+    return cases
+
+
+SWEEP_BAD_INPUTS = [
+    ("z_dims_twice", ["--z-dims", "2", "2"], ["--z-dims lists a value twice"]),
+    ("z_dims_zero", ["--z-dims", "0", "5"], ["--z-dims", "positive integer"]),
+    ("z_dims_empty", ["--z-dims"], ["--z-dims", "expected at least one argument"]),
+    ("epochs_zero", ["--epochs", "0"], ["--epochs"]),
+    ("processes_zero", ["--processes", "0"], ["--processes"]),
+    ("lr_diverges", ["--lr", "1e30", "--epochs", "1", "--z-dims", "2", "3"], ["non-finite at epoch 1", "lower --lr"]),
+    ("no_mnist", ["--data-root", "NO_MNIST"], ["MNIST/raw"]),
+    ("plot_only_no_summary", ["--plot-only", "--out-dir", "EMPTY"], ["no sweep results", "make sweep-vae"]),
+    ("plot_only_not_json", ["--plot-only", "--out-dir", "not_json"], ["not JSON, or damaged"]),
+    ("plot_only_other_kind", ["--plot-only", "--out-dir", "other_kind"], ["not a sweep_vae.py summary", "sweep_logreg"]),
+    ("plot_only_no_runs", ["--plot-only", "--out-dir", "no_runs"], ["'runs' is not a list"]),
+    ("plot_only_lost_checkpoint", ["--plot-only", "--out-dir", "lost_checkpoint"], ["no checkpoint at", "vae_z2.pt"]),
+    ("plot_only_mixed_runs", ["--plot-only", "--out-dir", "mixed_runs"], ["vae_z2.pt", "z_dim 20", "--z-dim 2"]),
+]
+
+
+@pytest.mark.parametrize("case", SWEEP_BAD_INPUTS, ids=[c[0] for c in SWEEP_BAD_INPUTS])
+def test_sweep_vae_bad_input_is_one_line_and_changes_no_file(case, sweep_bad_files, vae_data_root, tmp_path):
+    _, arguments, fragments = case
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "NO_MNIST").mkdir()
+    names = {**{k: str(v) for k, v in sweep_bad_files.items()},
+             "EMPTY": str(tmp_path / "EMPTY"), "NO_MNIST": str(tmp_path / "NO_MNIST")}
+    argv = [names.get(a, a) for a in arguments]
+    if "--out-dir" not in argv:
+        argv += ["--out-dir", str(tmp_path / "out")]
+    out = argv[argv.index("--out-dir") + 1]
+    if "--data-root" not in argv:
+        argv += ["--data-root", vae_data_root]
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    (figs / "sweep_vae_loss.png").write_bytes(b"an older figure")
+    before = snapshot(out, figs)
+    proc = vae_in_process(*argv, "--figures-dir", figs, script=sweep_vae)
+    assert_rejected(proc, before, [out, figs], *fragments)
 
 
 @pytest.mark.skipif(not os.environ.get("MNIST_ROOT"), reason="set MNIST_ROOT to the real MNIST root")
@@ -1802,8 +2316,8 @@ def test_vae_real_mnist_first_epoch_on_a_subset(vae_one_thread):
     train_x, _ = vae.preload(vae.load_mnist(os.environ["MNIST_ROOT"], train=True), limit=6000)
     torch.manual_seed(0)
     model = vae.VAE(20)
-    start = vae.evaluate(model, train_x)
-    losses, _ = vae.train_vae(model, train_x, epochs=1, log=None, progress=False)
+    start = sum(vae.evaluate(model, train_x))
+    losses = vae.train_vae(model, train_x, epochs=1, log=None, progress=False)["train_loss"]
     assert start > 500 and 150 < losses[0] < 260
 
 

@@ -3,36 +3,90 @@
 The model, loss and defaults are the assignment's (784-400-z encoder, z-400-784
 decoder, summed BCE + closed-form KL, Adam 1e-3, batch 64, 15 epochs); the
 training loop is faster: each split is preloaded once as one float tensor,
-batches are slices of a per-epoch shuffled copy, the BCE is computed from the
-decoder's logits and the loss is read back once per epoch, not once per step.
+batches are slices of a per-epoch shuffled copy, and the step's gradients are
+written by hand (vae_stack.py, checked against autograd by the tests).
 
     python vae.py --data-root data --out-dir artifacts --figures-dir figures
     python vae.py --plot-only --out-dir artifacts --figures-dir figures
+    python vae.py --plot-only --checkpoint model.pt     # a bare state_dict from the notebook
     python vae.py --limit 2000 --epochs 2            # a quick smoke run
 """
+import contextlib
+import dataclasses
 import math
 import os
 import time
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from labio import (ArgumentParser, UserError, atomic_path, ensure_writable_dir, load_mnist,
-                   positive_float, positive_int, resolve_device, run_main, seed_value, versions,
+import vae_figures as vf
+from labio import (ArgumentParser, UserError, add_common_args, atomic_path, check_can_create, load_mnist,
+                   plan_outputs, positive_float, positive_int, resolve_device, run_main, versions,
                    write_json)
+from vae_stack import cb_log_normalizer, evaluate, kl_divergence, reconstruction_nll, train_stack  # noqa: F401
 
 IMAGE_PIXELS = 28 * 28
 HIDDEN = 400
 CHECKPOINT_NAME = "vae.pt"
 METRICS_NAME = "vae_metrics.json"
-CHECKPOINT_FORMAT = "vae.py checkpoint v1"
+CHECKPOINT_FORMAT = "vae.py checkpoint v2"    # v2: the test loss's recon/KL terms, run info
+HISTORY_KEYS = ("train_loss", "test_loss", "test_recon", "test_kl")
+REQUIRED_KEYS = ("format", "model", "config", *HISTORY_KEYS, "seed")
+LIKELIHOODS = ("bernoulli", "continuous-bernoulli")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 FIGURE_NAMES = ("vae_loss.png", "vae_reconstructions.png", "vae_samples.png",
                 "vae_latent.png", "vae_interpolation.png")
-# Below this |logit| the continuous-Bernoulli normalizer uses its Taylor series
-# (the closed form is 0/0 at logit 0, i.e. lambda = 0.5).
-CB_TAYLOR_WINDOW = 1e-2
+
+
+# ------------------------------------------------------------------- config
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """One training run: what the CLI builds, what train() takes and what vae.pt stores."""
+    z_dim: int = 20
+    epochs: int = 15
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    likelihood: str = "bernoulli"
+    data_root: str = "data"
+    limit: Optional[int] = None
+    device: str = "auto"
+    threads: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, fields):
+        """The config stored in vae.pt; ValueError names the first field that does not fit."""
+        if not isinstance(fields, dict):
+            raise ValueError(f"'config' is a {type(fields).__name__}, not a dict")
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in fields]
+        unknown = [str(n) for n in fields if n not in names]
+        if missing or unknown:
+            raise ValueError("config " + "; ".join(
+                ([f"lacks {', '.join(missing)}"] if missing else []) +
+                ([f"has unknown {', '.join(unknown)}"] if unknown else [])))
+        for name, ok in _CONFIG_CHECKS.items():
+            if not ok(fields[name]):
+                raise ValueError(f"config {name}={fields[name]!r} is not valid")
+        return cls(**fields)
+
+
+def _count(value, lowest=1):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= lowest
+
+
+_CONFIG_CHECKS = {
+    "z_dim": _count, "epochs": _count, "batch_size": _count,
+    "lr": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf,
+    "seed": lambda v: _count(v, 0), "likelihood": lambda v: v in LIKELIHOODS,
+    "data_root": lambda v: isinstance(v, str), "limit": lambda v: v is None or _count(v),
+    "device": lambda v: v in DEVICES, "threads": lambda v: v is None or _count(v),
+}
 
 
 # -------------------------------------------------------------------- model
@@ -47,7 +101,9 @@ class Encoder(nn.Module):
         self.fc2_logvar = nn.Linear(HIDDEN, z_dim)
 
     def forward(self, x):
-        h = F.relu(self.fc1(x))
+        """(mu, logvar) of images of any shape with 784 pixels each (N x 1 x 28 x 28,
+        N x 28 x 28, N x 784), flattened as the assignment's x.view(-1, 784) does."""
+        h = F.relu(self.fc1(x.reshape(-1, IMAGE_PIXELS)))
         return self.fc2_mu(h), self.fc2_logvar(h)
 
 
@@ -83,7 +139,7 @@ class VAE(nn.Module):
         return mu + eps * std
 
     def forward_logits(self, x, generator=None):
-        mu, logvar = self.encoder(x.view(-1, IMAGE_PIXELS))
+        mu, logvar = self.encoder(x)
         z = self.reparameterize(mu, logvar, generator)
         return self.decoder.logits(z), mu, logvar
 
@@ -93,34 +149,14 @@ class VAE(nn.Module):
 
 
 # --------------------------------------------------------------------- loss
-
-def kl_divergence(mu, logvar):
-    """KL(N(mu, exp(logvar)) || N(0, I)) in closed form, summed over the batch."""
-    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
-
+# kl_divergence, cb_log_normalizer, reconstruction_nll and evaluate live in
+# vae_stack, beside the hand-written gradients that must agree with them.
 
 def loss_function(recon_x, x, mu, logvar):
     """The assignment's loss: summed binary cross-entropy + KL divergence."""
-    bce = F.binary_cross_entropy(recon_x, x.view(-1, IMAGE_PIXELS), reduction="sum")
+    bce = F.binary_cross_entropy(recon_x.reshape(-1, IMAGE_PIXELS), x.reshape(-1, IMAGE_PIXELS),
+                                 reduction="sum")
     return bce + kl_divergence(mu, logvar)
-
-
-def cb_log_normalizer(logits):
-    """log C(lambda) of the continuous Bernoulli (Loaiza-Ganem & Cunningham, 2019), lambda = sigmoid(logits).
-
-    C(lambda) = 2 artanh(1 - 2 lambda) / (1 - 2 lambda), and with lambda = sigmoid(l),
-    1 - 2 lambda = -tanh(l / 2) and artanh(1 - 2 lambda) = -l / 2, so C = l / tanh(l / 2):
-    no log of a difference of probabilities, finite for any logit. At l = 0 (lambda = 0.5)
-    that is 0/0 with limit 2, so a small window uses the series
-    u / tanh(u) = 1 + u^2/3 - u^4/45 (u = l/2). The unused branch gets a harmless input
-    so that no NaN leaks into the gradient through torch.where.
-    """
-    small = logits.abs() < CB_TAYLOR_WINDOW
-    safe = torch.where(small, torch.ones_like(logits), logits)
-    exact = torch.log(safe / torch.tanh(0.5 * safe))
-    u2 = (0.5 * logits).pow(2)
-    series = math.log(2.0) + torch.log1p(u2 / 3 - u2.pow(2) / 45)
-    return torch.where(small, series, exact)
 
 
 def loss_from_logits(logits, x, mu, logvar, likelihood="bernoulli"):
@@ -129,11 +165,7 @@ def loss_from_logits(logits, x, mu, logvar, likelihood="bernoulli"):
     ``continuous-bernoulli`` subtracts the summed log-normalizer, making the
     reconstruction term a proper log-density of pixels in [0, 1].
     """
-    x = x.view(-1, IMAGE_PIXELS)
-    nll = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
-    if likelihood == "continuous-bernoulli":
-        nll = nll - cb_log_normalizer(logits).sum()
-    return nll + kl_divergence(mu, logvar)
+    return reconstruction_nll(logits, x.reshape(logits.shape), likelihood) + kl_divergence(mu, logvar)
 
 
 # --------------------------------------------------------------------- data
@@ -152,186 +184,144 @@ def preload(dataset, limit=None):
 
 # ----------------------------------------------------------------- training
 
-def make_optimizer(model, lr):
-    """Adam, fused into one kernel where this torch build supports it (CPU or CUDA)."""
-    try:
-        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
-
-
-@torch.no_grad()
-def evaluate(model, images, *, batch_size=1000, likelihood="bernoulli", seed=0):
-    """Per-sample loss over ``images``; its eps come from their own generator, so
-    evaluating never shifts the training run's random stream."""
-    model.eval()
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, len(images), batch_size):
-        x = images[start:start + batch_size].to(device, non_blocking=True)
-        logits, mu, logvar = model.forward_logits(x, generator)
-        total += loss_from_logits(logits, x, mu, logvar, likelihood)
-    model.train()
-    return total.item() / len(images)
-
-
 def train_vae(model, train_x, test_x=None, *, epochs=15, batch_size=64, lr=1e-3, seed=0,
-              likelihood="bernoulli", progress=True, log=print):
-    """Train ``model`` in place; return (train_losses, test_losses), one per epoch.
+              likelihood="bernoulli", progress=True, log=print, threads=None):
+    """Train ``model`` in place; return its history (lists, one entry per epoch):
+    ``train_loss``, and with ``test_x`` ``test_loss`` = ``test_recon`` + ``test_kl``;
+    ``seconds`` and ``threads`` per epoch (``threads`` None: the faster of 1 and
+    torch's count, chosen each epoch). See vae_stack.train_stack, which does the work.
 
     Each train loss is the epoch's summed loss divided by the number of training
     images (the assignment divided by len(loader) * batch_size = 60032 instead).
-    The test loss (same normalization) is computed after every epoch when
-    ``test_x`` is given. A non-finite epoch loss stops training with a UserError.
+    A non-finite epoch loss stops training with a UserError.
     """
-    from tqdm import tqdm
-
-    device = next(model.parameters()).device
-    optimizer = make_optimizer(model, lr)
-    shuffler = torch.Generator().manual_seed(seed)
-    train_x = train_x.to(device)
-    n = len(train_x)
-    steps = math.ceil(n / batch_size)
-    train_losses, test_losses = [], []
-    model.train()
-    for epoch in range(1, epochs + 1):
-        start = time.perf_counter()
-        shuffled = train_x[torch.randperm(n, generator=shuffler).to(device)]
-        # Summed on the device and read once per epoch: a per-step .item() would
-        # force a synchronization (on a GPU) and costs a little even on a CPU.
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
-                   disable=None if progress else True)
-        for step in range(steps):
-            x = shuffled[step * batch_size:(step + 1) * batch_size]
-            logits, mu, logvar = model.forward_logits(x)
-            loss = loss_from_logits(logits, x, mu, logvar, likelihood)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            if not bar.disable and (step + 1) % 50 == 0:
-                bar.update(50)
-                bar.set_postfix(loss=f"{total.item() / min(n, (step + 1) * batch_size):.2f}")
-        bar.close()
-        train_loss = total.item() / n
-        seconds = time.perf_counter() - start
-        if not math.isfinite(train_loss):
-            raise UserError(f"loss became non-finite at epoch {epoch} (lower --lr)")
-        train_losses.append(train_loss)
-        line = f"epoch {epoch:2d}/{epochs}  train loss {train_loss:8.3f}"
-        if test_x is not None:
-            test_losses.append(evaluate(model, test_x, likelihood=likelihood, seed=seed))
-            if not math.isfinite(test_losses[-1]):
-                raise UserError(f"loss became non-finite at epoch {epoch} (lower --lr)")
-            line += f"  test loss {test_losses[-1]:8.3f}"
-        if log is not None:
-            log(f"{line}  {seconds:5.2f} s")
-    return train_losses, test_losses
+    try:
+        return train_stack([model], train_x, test_x, epochs=epochs, batch_size=batch_size, lr=lr,
+                           seed=seed, likelihood=likelihood, progress=progress, log=log, threads=threads)[0]
+    except FloatingPointError as exc:
+        raise UserError(f"{exc}; lower --lr") from None
 
 
 # --------------------------------------------------------------- checkpoint
 
-def save_checkpoint(path, model, *, config, train_losses, test_losses, seconds):
+def save_checkpoint(path, model, *, config, history, run):
+    """vae.pt: the state_dict, the VAEConfig (as a dict), the per-epoch history and
+    ``run`` (what the run was: n_train, n_test, device, threads allowed, threads per
+    epoch, seconds)."""
     state = {
         "format": CHECKPOINT_FORMAT,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "config": config,
-        "train_loss": list(train_losses),
-        "test_loss": list(test_losses),
-        "seed": config["seed"],
-        "seconds": seconds,
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "config": dataclasses.asdict(config),
+        **{key: list(history[key]) for key in HISTORY_KEYS},
+        **run,
+        "seed": config.seed,
         "versions": versions(),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path, z_dim=None):
-    """(VAE on the CPU, checkpoint dict); one-line UserError for anything unusable."""
+def read_torch_file(path):
+    """torch.load(path) of tensors and plain containers only, or a UserError saying why not."""
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; run `make vae` first")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a directory, not a file")
     try:
         with warnings.catch_warnings():  # a damaged file can make torch warn before it fails
             warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        ckpt_z = int(ckpt["config"]["z_dim"])
-        state = ckpt["model"]
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UserError(f"cannot read checkpoint {path}: corrupt or not written by vae.py "
+        if "Unsupported global" in str(exc):   # weights_only refused a pickled Python object
+            raise UserError(f"checkpoint {path} holds pickled Python objects, not only tensors (a whole "
+                            "model saved with torch.save(model)?); save model.state_dict() instead") from None
+        raise UserError(f"cannot read checkpoint {path}: not a torch file, or damaged "
                         f"({type(exc).__name__}); rerun `make vae`") from None
-    if z_dim is not None and z_dim != ckpt_z:
-        raise UserError(f"checkpoint {path} has z_dim {ckpt_z}, but --z-dim {z_dim} was asked for "
-                        f"(drop --z-dim or retrain with `make vae`)")
-    model = VAE(ckpt_z)
+
+
+def _some(names, count=4):
+    names = list(names)
+    return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def check_state_dict(state, path):
+    """The z_dim of a state_dict of this VAE, or a UserError naming what does not fit."""
+    bad = [str(k) for k, v in state.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if bad:
+        raise UserError(f"{path} is neither a vae.py checkpoint (no 'format' key) nor a state_dict "
+                        f"(entries that are not named tensors: {_some(bad)})")
+    mu = state.get("encoder.fc2_mu.weight")
+    if mu is None or mu.dim() != 2 or mu.shape[0] < 1:
+        raise UserError(f"{path} is not a state_dict of the assignment's VAE: no 2-D "
+                        f"'encoder.fc2_mu.weight' (it has {_some(state) or 'no keys'})")
+    z_dim = mu.shape[0]
+    expected = {k: tuple(v.shape) for k, v in VAE(z_dim).state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = ([f"missing {_some(missing)}"] if missing else []) + \
+                ([f"unexpected {_some(unexpected)}"] if unexpected else [])
+        raise UserError(f"{path} does not fit the assignment's VAE: {'; '.join(parts)}")
+    wrong = [f"{k} {tuple(state[k].shape)}, expected {shape}" for k, shape in expected.items()
+             if tuple(state[k].shape) != shape]
+    if wrong:
+        raise UserError(f"{path} does not fit a VAE with z_dim {z_dim} (hidden {HIDDEN}): {_some(wrong, 2)}")
+    not_float = [k for k in expected if not state[k].is_floating_point()]
+    if not_float:
+        raise UserError(f"{path}: {_some(not_float)} do not hold floating-point weights")
+    return z_dim
+
+
+def check_checkpoint(ckpt, path):
+    """The checkpoint's VAEConfig, once its format and required keys are checked."""
+    if ckpt["format"] != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint {path} has format {ckpt['format']!r}, expected {CHECKPOINT_FORMAT!r} "
+                        "(written by another version of vae.py?); rerun `make vae`")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {_some(missing)}; rerun `make vae`")
     try:
-        model.load_state_dict(state)
-    except Exception as exc:
-        raise UserError(f"checkpoint {path} does not fit a VAE with z_dim {ckpt_z} "
-                        f"({type(exc).__name__}); rerun `make vae`") from None
+        config = VAEConfig.from_dict(ckpt["config"])
+    except ValueError as exc:
+        raise UserError(f"checkpoint {path}: {exc}; rerun `make vae`") from None
+    for key in HISTORY_KEYS:
+        values = ckpt[key]
+        if not (isinstance(values, list) and all(isinstance(v, (int, float)) for v in values)):
+            raise UserError(f"checkpoint {path}: {key!r} is not a list of numbers; rerun `make vae`")
+    if not isinstance(ckpt["model"], dict):
+        raise UserError(f"checkpoint {path}: 'model' is not a state_dict; rerun `make vae`")
+    return config
+
+
+def load_checkpoint(path, z_dim=None):
+    """(VAE on the CPU, checkpoint dict or None for a bare state_dict).
+
+    Reads vae.py's own checkpoints, and the bare ``model.state_dict()`` that the
+    assignment's notebook saves (z_dim from the shape of encoder.fc2_mu.weight;
+    no history). Anything else is a one-line UserError that names what is wrong.
+    """
+    obj = read_torch_file(path)
+    if not isinstance(obj, dict):
+        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a vae.py checkpoint "
+                        "or a state_dict")
+    ckpt = obj if "format" in obj else None
+    if ckpt is not None:
+        config = check_checkpoint(ckpt, path)
+    state = ckpt["model"] if ckpt is not None else obj
+    weights_z = check_state_dict(state, path)
+    if ckpt is not None and config.z_dim != weights_z:
+        raise UserError(f"checkpoint {path} says z_dim {config.z_dim}, but its weights have z_dim "
+                        f"{weights_z}; rerun `make vae`")
+    if z_dim is not None and z_dim != weights_z:
+        raise UserError(f"checkpoint {path} has z_dim {weights_z}, but --z-dim {z_dim} was asked for "
+                        f"(drop --z-dim or retrain with `make vae`)")
+    model = VAE(weights_z)
+    model.load_state_dict(state)
     model.eval()
     return model, ckpt
 
 
 # ------------------------------------------------------------------ figures
-
-def save_grid(images, path, nrow):
-    """Write images (N x 784 in [0, 1]) as one torchvision grid, atomically."""
-    from torchvision.utils import save_image
-
-    with atomic_path(path) as tmp:
-        save_image(images.view(-1, 1, 28, 28), tmp, nrow=nrow, padding=2, pad_value=1.0, format="png")
-
-
-def plot_loss(ckpt, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from labio import save_figure
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    epochs = range(1, len(ckpt["train_loss"]) + 1)
-    ax.plot(epochs, ckpt["train_loss"], "o-", label="train")
-    if ckpt["test_loss"]:
-        ax.plot(epochs, ckpt["test_loss"], "s-", label="test")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss per image (BCE + KL, nats)")
-    ax.set_title(f"VAE, z_dim {ckpt['config']['z_dim']}, {ckpt['config']['likelihood']}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
-
-
-def plot_latent(mu, labels, path):
-    """Test-set posterior means projected on their first two principal components."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from labio import save_figure
-
-    centered = mu - mu.mean(0)
-    if mu.shape[1] >= 2:
-        _, _, v = torch.linalg.svd(centered, full_matrices=False)
-        xy = centered @ v[:2].T
-        xlabel, ylabel = "PC 1", "PC 2"
-    else:  # one latent dimension: plot it against the digit
-        xy = torch.stack([centered[:, 0], labels.float()], 1)
-        xlabel, ylabel = "mu", "digit"
-    fig, ax = plt.subplots(figsize=(6, 5))
-    points = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=2, alpha=0.6)
-    fig.colorbar(points, ax=ax, ticks=range(10), label="digit")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"test-set mu, PCA of {mu.shape[1]}-D latent")
-    fig.tight_layout()
-    save_figure(fig, path, dpi=120)
-    plt.close(fig)
-
 
 def interpolation_pairs(labels, count=4):
     """Indices of ``count`` test digits and, for each, the next one of another class."""
@@ -346,7 +336,6 @@ def interpolation_pairs(labels, count=4):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def generate_samples(model, num_samples=64, seed=0):
     """The assignment's generate_samples: decode z ~ N(0, I) into num_samples images (N x 784)."""
     generator = torch.Generator().manual_seed(seed)
@@ -354,52 +343,95 @@ def generate_samples(model, num_samples=64, seed=0):
     return model.decoder(z.to(next(model.parameters()).device))
 
 
+def figure_paths(figures_dir):
+    return [os.path.join(figures_dir, name) for name in FIGURE_NAMES]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run a block on one CPU thread: the same float rounding, hence the same pixels,
+    whatever --threads the training had (the figures' matmuls are small anyway)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
-def render_figures(model, ckpt, test_x, test_y, figures_dir):
-    """All five figures from a trained model; nothing here trains or samples the data."""
-    ensure_writable_dir(figures_dir)
-    out = {name: os.path.join(figures_dir, name) for name in FIGURE_NAMES}
+def render_figures(model, test_x, test_y, figures_dir, *, seed, history=None, title="VAE"):
+    """Every figure of FIGURE_NAMES, in that order, from a trained model.
+
+    Returns [(path, note)]: note says why a placeholder was drawn instead of the
+    figure (no history for the loss plot, one digit class for interpolation),
+    None when the figure is real. Nothing here trains or samples the data.
+    """
+    loss, reconstructions, samples, latent, interpolation = figure_paths(figures_dir)
     model = model.cpu().eval()
-    plot_loss(ckpt, out["vae_loss.png"])
-    mu, _ = model.encoder(test_x)
-    # Reconstructions from the posterior mean, so that re-rendering gives the same picture.
-    originals = test_x[:8]
-    save_grid(torch.cat([originals, model.decoder(mu[:8])]), out["vae_reconstructions.png"], nrow=8)
-    save_grid(generate_samples(model, 64, seed=int(ckpt["seed"])), out["vae_samples.png"], nrow=8)
-    plot_latent(mu, test_y, out["vae_latent.png"])
-    steps = torch.linspace(0, 1, 10).unsqueeze(1)
-    rows = [model.decoder(mu[a] + steps * (mu[b] - mu[a])) for a, b in interpolation_pairs(test_y)]
-    if rows:
-        save_grid(torch.cat(rows), out["vae_interpolation.png"], nrow=10)
-    return list(out.values())
+    notes = {}
+    with one_thread():
+        if history is None:
+            notes[loss] = "no training history: the checkpoint is a bare state_dict"
+            vf.placeholder(loss, title, notes[loss])
+        else:
+            vf.plot_loss(history, title, loss)
+        mu, _ = model.encoder(test_x)
+        # Reconstructions from the posterior mean, so that re-rendering gives the same picture.
+        originals = test_x[:8]
+        vf.save_grid(torch.cat([originals, model.decoder(mu[:8])]), reconstructions, nrow=len(originals))
+        vf.save_grid(generate_samples(model, 64, seed=seed), samples, nrow=8)
+        vf.plot_latent(mu, test_y, latent)
+        steps = torch.linspace(0, 1, 10).unsqueeze(1)
+        rows = [model.decoder(mu[a] + steps * (mu[b] - mu[a])) for a, b in interpolation_pairs(test_y)]
+        if rows:
+            vf.save_grid(torch.cat(rows), interpolation, nrow=10)
+        else:
+            notes[interpolation] = (f"no interpolation: the {len(test_y)} test image(s) hold only one "
+                                    "digit class (raise --limit)")
+            vf.placeholder(interpolation, "interpolation between test digits", notes[interpolation])
+    return [(path, notes.get(path)) for path in figure_paths(figures_dir)]
+
+
+def report_figures(written):
+    for path, note in written:
+        print(f"wrote {path}" + (f" (placeholder: {note})" if note else ""))
 
 
 # ---------------------------------------------------------------------- CLI
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", default=None,
-                   help="torchvision MNIST root (DATA); None = 'data', or with --plot-only the checkpoint's")
     p.add_argument("--out-dir", default="artifacts", help="where vae.pt and vae_metrics.json go (OUT)")
     p.add_argument("--figures-dir", default="figures", help="where the five vae_*.png go (FIGURES)")
     p.add_argument("--plot-only", action="store_true",
-                   help="re-render the figures from OUT/vae.pt without training")
+                   help="re-render the figures from a checkpoint without training (needs the MNIST "
+                        "test split)")
+    p.add_argument("--checkpoint", default=None,
+                   help="with --plot-only: the checkpoint to render, vae.py's or a bare state_dict "
+                        "of the assignment's VAE (default: OUT/vae.pt)")
     p.add_argument("--epochs", type=positive_int, default=15, help="passes over the training set")
     p.add_argument("--z-dim", type=positive_int, default=None,
-                   help="latent size; None = 20 when training, the checkpoint's with --plot-only")
+                   help="latent size (default: 20 when training, the checkpoint's with --plot-only)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per Adam step")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
-    p.add_argument("--seed", type=seed_value, default=0, help="seeds the init, the shuffles, eps and the sample grid")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto",
-                   help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="use only the first N images of each split; None = all")
-    p.add_argument("--likelihood", choices=("bernoulli", "continuous-bernoulli"), default="bernoulli",
+    add_common_args(
+        p, "data_root", "device", "seed", "limit",
+        data_root=dict(default=None, help="torchvision MNIST root (DATA); default: 'data', or with "
+                                          "--plot-only the checkpoint's"),
+        seed=dict(help="seeds the init, the shuffles, eps and the sample grid (with --plot-only: "
+                       "the sample grid of a bare state_dict)"),
+        limit=dict(help="use only the first N images of each split (default: all; with --plot-only "
+                        "the checkpoint's)"))
+    p.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli",
                    help="bernoulli = the assignment's BCE; continuous-bernoulli adds its log-normalizer")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads; None = torch's default (all cores: on a quiet 2-core machine "
-                        "2 threads beat 1 by about 15%%, on a loaded one 1 thread is safer)")
-    return p.parse_args(argv)
+                   help="CPU threads (default: each epoch, the faster of 1 and all cores, timed on its "
+                        "first steps; the numbers do not depend on it)")
+    args = p.parse_args(argv)
+    if args.checkpoint is not None and not args.plot_only:
+        p.error("--checkpoint is read only with --plot-only (training writes OUT/vae.pt)")
+    return args
 
 
 def load_splits(data_root, limit):
@@ -409,51 +441,66 @@ def load_splits(data_root, limit):
 
 
 def plot_only(args):
-    model, ckpt = load_checkpoint(os.path.join(args.out_dir, CHECKPOINT_NAME), args.z_dim)
-    data_root = args.data_root or ckpt["config"].get("data_root") or "data"
-    limit = args.limit if args.limit is not None else ckpt["config"].get("limit")
+    path = args.checkpoint or os.path.join(args.out_dir, CHECKPOINT_NAME)
+    check_can_create(args.figures_dir)
+    model, ckpt = load_checkpoint(path, args.z_dim)
+    if ckpt is None:     # a bare state_dict: no config, no history
+        config = VAEConfig(z_dim=model.z_dim, seed=args.seed)
+        history, title = None, f"VAE, z_dim {model.z_dim}, from a bare state_dict"
+    else:
+        config = VAEConfig.from_dict(ckpt["config"])
+        history, title = ckpt, f"VAE, z_dim {config.z_dim}, {config.likelihood}"
+    data_root = args.data_root or config.data_root
+    limit = args.limit if args.limit is not None else config.limit
     test_x, test_y = preload(load_mnist(data_root, train=False), limit)
-    for path in render_figures(model, ckpt, test_x, test_y, args.figures_dir):
-        print(f"wrote {path}")
+    plan_outputs(figure_paths(args.figures_dir))
+    report_figures(render_figures(model, test_x, test_y, args.figures_dir, seed=config.seed,
+                                  history=history, title=title))
 
 
-def train(args):
-    device = resolve_device(args.device)
-    if device.type == "cpu":
-        if args.threads:
-            torch.set_num_threads(args.threads)
-    ensure_writable_dir(args.out_dir)
-    ensure_writable_dir(args.figures_dir)
-    args.z_dim = args.z_dim or 20
-    args.data_root = args.data_root or "data"
-    train_x, test_x, test_y = load_splits(args.data_root, args.limit)
-    print(f"VAE z_dim {args.z_dim}, {len(train_x)} train / {len(test_x)} test images, "
-          f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, {args.likelihood}, "
-          f"{device}")
-    torch.manual_seed(args.seed)  # the init, then eps, as in the assignment
-    model = VAE(args.z_dim).to(device)
+def train(config, out_dir, figures_dir):
+    """Train, then write vae_metrics.json, vae.pt (the Make target) and the figures, in
+    that order: an interrupt leaves each complete or absent, and the figures' own
+    Make rule re-renders whatever is missing from vae.pt."""
+    device = resolve_device(config.device)
+    check_can_create(out_dir)
+    check_can_create(figures_dir)
+    train_x, test_x, test_y = load_splits(config.data_root, config.limit)
+    metrics, checkpoint = os.path.join(out_dir, METRICS_NAME), os.path.join(out_dir, CHECKPOINT_NAME)
+    plan_outputs([metrics, checkpoint, *figure_paths(figures_dir)])
+    print(f"VAE z_dim {config.z_dim}, {len(train_x)} train / {len(test_x)} test images, "
+          f"{config.epochs} epochs, batch {config.batch_size}, lr {config.lr}, {config.likelihood}, "
+          f"{device}, {config.threads or f'1 or {torch.get_num_threads()}'} threads")
+    torch.manual_seed(config.seed)  # the init
+    model = VAE(config.z_dim).to(device)
     start = time.perf_counter()
-    train_losses, test_losses = train_vae(
-        model, train_x, test_x.to(device), epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, likelihood=args.likelihood)
+    history = train_vae(model, train_x, test_x.to(device), epochs=config.epochs,
+                        batch_size=config.batch_size, lr=config.lr, seed=config.seed,
+                        likelihood=config.likelihood, threads=config.threads)
     seconds = time.perf_counter() - start
-    config = {k: v for k, v in vars(args).items() if k not in ("plot_only",)}
-    config.update(n_train=len(train_x), n_test=len(test_x), device=str(device))
-    checkpoint = os.path.join(args.out_dir, CHECKPOINT_NAME)
-    save_checkpoint(checkpoint, model, config=config, train_losses=train_losses,
-                    test_losses=test_losses, seconds=seconds)
-    print(f"wrote {checkpoint}")
-    metrics = os.path.join(args.out_dir, METRICS_NAME)
-    write_json(metrics, {"train_loss": train_losses[-1], "test_loss": test_losses[-1],
-                         "train_loss_per_epoch": train_losses, "test_loss_per_epoch": test_losses,
-                         "seconds": round(seconds, 3), "epochs": args.epochs, "z_dim": args.z_dim,
-                         "likelihood": args.likelihood,
-                         "n_train": len(train_x), "n_test": len(test_x), "seed": args.seed,
-                         "device": str(device), "versions": versions()})
+    run = {"n_train": len(train_x), "n_test": len(test_x), "device": str(device),
+           "threads": config.threads or torch.get_num_threads(), "epoch_threads": history["threads"],
+           "seconds": seconds}
+    write_json(metrics, {**{key: history[key][-1] for key in HISTORY_KEYS},
+                         **{f"{key}_per_epoch": history[key] for key in HISTORY_KEYS},
+                         "epoch_seconds": [round(t, 3) for t in history["seconds"]],
+                         **dict(run, seconds=round(seconds, 3)), "epochs": config.epochs,
+                         "z_dim": config.z_dim, "likelihood": config.likelihood,
+                         "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
+                         "versions": versions()})
     print(f"wrote {metrics}")
-    _, ckpt = load_checkpoint(checkpoint)  # render from exactly what --plot-only will see
-    for path in render_figures(model, ckpt, test_x.cpu(), test_y, args.figures_dir):
-        print(f"wrote {path}")
+    save_checkpoint(checkpoint, model, config=config, history=history, run=run)
+    print(f"wrote {checkpoint}")
+    model, ckpt = load_checkpoint(checkpoint)  # render from exactly what --plot-only will see
+    report_figures(render_figures(model, test_x.cpu(), test_y, figures_dir, seed=config.seed, history=ckpt,
+                                  title=f"VAE, z_dim {config.z_dim}, {config.likelihood}"))
+
+
+def config_from_args(args):
+    """The run the command line asks for (None flags take their training defaults)."""
+    return VAEConfig(z_dim=args.z_dim or 20, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                     seed=args.seed, likelihood=args.likelihood, data_root=args.data_root or "data",
+                     limit=args.limit, device=args.device, threads=args.threads)
 
 
 def main(argv=None):
@@ -461,7 +508,7 @@ def main(argv=None):
     if args.plot_only:
         plot_only(args)
     else:
-        train(args)
+        train(config_from_args(args), args.out_dir, args.figures_dir)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,368 @@
+"""Train one or several independent VAEs in one pass over the same batches, with
+hand-written gradients. `vae.py` trains one model with it; `sweep_vae.py` one
+model per z_dim, all at once.
+
+Why by hand: at batch 64 the five large matrix products of a step run near the
+CPU's matmul peak, and what made an epoch slow was around them: autograd's
+bookkeeping, torch's scalar-path softplus/log1p in the BCE (about 12 ns per
+pixel), and Adam over ten parameter tensors. Here
+- every model's parameters live in one flat buffer (the modules' parameters are
+  views of it while training), so one fused Adam call updates them all;
+- fc1 and fc4 of all models run as batched matrix products (bmm), the small
+  z-sized layers one model at a time;
+- the BCE comes from one sigmoid and one vectorized log (see bernoulli_nll), and
+  its gradient is sigmoid(logits) - x.
+Each model sees exactly what it would see alone: the same batches in the same
+order (one shuffle generator) and its own eps generator with the same seed, so a
+model trained in a stack follows the run it would have had by itself (up to
+float rounding, which the tests bound).
+"""
+import math
+import time
+
+import torch
+
+# Below this |logit| the continuous-Bernoulli normalizer uses its Taylor series
+# (the closed form is 0/0 at logit 0, i.e. lambda = 0.5).
+CB_TAYLOR_WINDOW = 1e-2
+
+
+# --------------------------------------------------------------------- loss terms
+
+def kl_divergence(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, I)) in closed form, summed over the batch."""
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def cb_log_normalizer(logits):
+    """log C(lambda) of the continuous Bernoulli (Loaiza-Ganem & Cunningham, 2019), lambda = sigmoid(logits).
+
+    C(lambda) = 2 artanh(1 - 2 lambda) / (1 - 2 lambda), and with lambda = sigmoid(l),
+    1 - 2 lambda = -tanh(l / 2) and artanh(1 - 2 lambda) = -l / 2, so C = l / tanh(l / 2):
+    no log of a difference of probabilities, finite for any logit. At l = 0 (lambda = 0.5)
+    that is 0/0 with limit 2, so a small window uses the series
+    u / tanh(u) = 1 + u^2/3 - u^4/45 (u = l/2). The unused branch gets a harmless input
+    so that no NaN leaks into the gradient through torch.where.
+    """
+    small = logits.abs() < CB_TAYLOR_WINDOW
+    safe = torch.where(small, torch.ones_like(logits), logits)
+    exact = torch.log(safe / torch.tanh(0.5 * safe))
+    u2 = (0.5 * logits).pow(2)
+    series = math.log(2.0) + torch.log1p(u2 / 3 - u2.pow(2) / 45)
+    return torch.where(small, series, exact)
+
+
+def sum_images(values):
+    """Sum over the last two dims (images x pixels): pixels first, then images.
+
+    Each image's pixels are summed by one thread whatever the leading dims, so a
+    model's loss has the same float rounding alone or in a stack of K models.
+    """
+    return values.sum(-1).sum(-1)
+
+
+def bernoulli_nll(logits, x, probs=None):
+    """Summed binary cross-entropy of sigmoid(logits) against x over the last two dims.
+
+    Per pixel it is softplus(l) - x l = relu(l) - x l - log sigmoid(|l|), and
+    sigmoid(|l|) = 0.5 + |sigmoid(l) - 0.5| lies in [0.5, 1]: stable for any
+    logit, and a vectorized log is about 10x faster than torch's softplus on a CPU.
+    ``probs`` (sigmoid(logits)) is reused when the caller has it.
+    """
+    probs = torch.sigmoid(logits) if probs is None else probs
+    log_sig_abs = (probs - 0.5).abs_().add_(0.5).log_()
+    return sum_images(logits.clamp(min=0) - x * logits - log_sig_abs)
+
+
+def reconstruction_nll(logits, x, likelihood="bernoulli"):
+    """The reconstruction term (nats, summed over the last two dims): the BCE, or the
+    continuous-Bernoulli negative log-density (the BCE minus the log-normalizer)."""
+    nll = bernoulli_nll(logits, x)
+    if likelihood == "continuous-bernoulli":
+        nll = nll - sum_images(cb_log_normalizer(logits))
+    return nll
+
+
+@torch.no_grad()
+def evaluate(model, images, *, batch_size=1000, likelihood="bernoulli", seed=0):
+    """(reconstruction term, KL term) per image of ``model`` on ``images``.
+
+    The eps come from a generator seeded with ``seed``, so the same model and seed
+    give the same numbers, and evaluating never shifts a training run's streams.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    recon = torch.zeros((), dtype=torch.float64, device=device)
+    kl = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].to(device, non_blocking=True)
+        logits, mu, logvar = model.forward_logits(x, generator)
+        recon += reconstruction_nll(logits, x.reshape(logits.shape), likelihood)
+        kl += kl_divergence(mu, logvar)
+    model.train()
+    return recon.item() / len(images), kl.item() / len(images)
+
+
+# ------------------------------------------------------------------- the stack
+
+def make_optimizer(params, lr):
+    """Adam, fused into one kernel where this torch build supports it (CPU or CUDA)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+def relu_backward(grad, output):
+    """grad where the ReLU's output is positive, else 0: the kernel autograd itself
+    uses (one pass; a mask plus masked_fill_ costs about 5x more)."""
+    return torch.ops.aten.threshold_backward(grad, output, 0)
+
+
+def _carve(flat, spec):
+    """Named views of consecutive pieces of a 1-D buffer."""
+    views, offset = {}, 0
+    for name, shape in spec:
+        size = math.prod(shape)
+        views[name] = flat[offset:offset + size].view(shape)
+        offset += size
+    return views
+
+
+class StackedVAEs:
+    """K assignment-style VAEs packed into one flat buffer, with a hand-written step.
+
+    Layout: w1 (K, H, P), b1 (K, H), w4 (K, P, H), b4 (K, P) for the large layers
+    (batched matmuls), then per model k: w2_k (2z, H) = [fc2_mu; fc2_logvar] (mu and
+    logvar from ONE matmul), b2_k, w3_k (H, z), b3_k. While the stack lives, each
+    module's parameters are views of this buffer (``release`` gives them back their
+    own memory), so the modules always show the current weights.
+    """
+
+    def __init__(self, models):
+        self.models = list(models)
+        self.z_dims = [m.z_dim for m in self.models]
+        K = len(self.models)
+        H, P = self.models[0].encoder.fc1.weight.shape
+        self.device = self.models[0].encoder.fc1.weight.device
+        spec = [("w1", (K, H, P)), ("b1", (K, H)), ("w4", (K, P, H)), ("b4", (K, P))]
+        for k, z in enumerate(self.z_dims):
+            spec += [(f"w2_{k}", (2 * z, H)), (f"b2_{k}", (2 * z,)), (f"w3_{k}", (H, z)), (f"b3_{k}", (H,))]
+        total = sum(math.prod(shape) for _, shape in spec)
+        self.flat = torch.nn.Parameter(torch.zeros(total, device=self.device))
+        self.flat.grad = torch.zeros(total, device=self.device)
+        self.p = _carve(self.flat.data, spec)
+        self.g = _carve(self.flat.grad, spec)
+        self._owned = []
+        for k, model in enumerate(self.models):
+            for param, view in self._views_of(model, k):
+                if param.shape != view.shape:
+                    raise ValueError(f"model {k}: parameter of shape {tuple(param.shape)}, "
+                                     f"expected {tuple(view.shape)}")
+                view.copy_(param.detach())
+                param.data = view
+                self._owned.append(param)
+            if len(set(map(id, model.parameters()))) != len(self._views_of(model, k)):
+                raise ValueError(f"model {k} has parameters beyond the assignment's VAE")
+
+    def _views_of(self, model, k):
+        p, z = self.p, self.z_dims[k]
+        enc, dec = model.encoder, model.decoder
+        return [(enc.fc1.weight, p["w1"][k]), (enc.fc1.bias, p["b1"][k]),
+                (enc.fc2_mu.weight, p[f"w2_{k}"][:z]), (enc.fc2_logvar.weight, p[f"w2_{k}"][z:]),
+                (enc.fc2_mu.bias, p[f"b2_{k}"][:z]), (enc.fc2_logvar.bias, p[f"b2_{k}"][z:]),
+                (dec.fc3.weight, p[f"w3_{k}"]), (dec.fc3.bias, p[f"b3_{k}"]),
+                (dec.fc4.weight, p["w4"][k]), (dec.fc4.bias, p["b4"][k])]
+
+    def release(self):
+        """Give each module's parameters their own memory again (the buffer can go)."""
+        for param in self._owned:
+            param.data = param.data.clone()
+        self._owned = []
+
+    @torch.no_grad()
+    def step(self, x, eps_generators, likelihood="bernoulli"):
+        """Loss of each model on batch ``x`` (B x P), a (K,) tensor; the gradient of
+        their sum goes into ``self.flat.grad`` (every element is overwritten)."""
+        p, g = self.p, self.g
+        K, B = len(self.z_dims), len(x)
+        xs = x.expand(K, *x.shape)
+        h1 = torch.baddbmm(p["b1"].unsqueeze(1), xs, p["w1"].transpose(1, 2)).relu_()   # K x B x H
+        h3 = torch.empty(K, B, h1.shape[2], device=x.device)
+        kl = torch.empty(K, device=x.device)
+        latents = []
+        for k, z in enumerate(self.z_dims):
+            stats = torch.addmm(p[f"b2_{k}"], h1[k], p[f"w2_{k}"].t())      # B x 2z: [mu, logvar]
+            mu, logvar = stats[:, :z], stats[:, z:]
+            std = logvar.mul(0.5).exp_()
+            eps = torch.randn(B, z, generator=eps_generators[k], device=x.device)
+            code = torch.addcmul(mu, eps, std)
+            torch.addmm(p[f"b3_{k}"], code, p[f"w3_{k}"].t(), out=h3[k]).relu_()
+            # KL = 0.5 sum(mu^2 + std^2 - 1 - logvar)
+            kl[k] = 0.5 * (torch.addcmul(std * std, mu, mu).sub_(logvar).sum() - B * z)
+            latents.append((mu, std, eps, code))
+        logits = torch.baddbmm(p["b4"].unsqueeze(1), h3, p["w4"].transpose(1, 2))     # K x B x P
+        probs = torch.sigmoid(logits)
+        nll = bernoulli_nll(logits, x, probs)
+        dlogits = probs.sub_(x)                        # d BCE / d logits = sigmoid(l) - x
+        if likelihood == "continuous-bernoulli":
+            with torch.enable_grad():
+                leaf = logits.detach().requires_grad_()
+                log_c = sum_images(cb_log_normalizer(leaf))
+                (d_log_c,) = torch.autograd.grad(log_c.sum(), leaf)
+            nll = nll - log_c.detach()
+            dlogits.sub_(d_log_c)
+        torch.bmm(dlogits.transpose(1, 2), h3, out=g["w4"])
+        torch.sum(dlogits, 1, out=g["b4"])
+        dh3 = relu_backward(torch.bmm(dlogits, p["w4"]), h3)
+        dh1 = torch.empty_like(h1)
+        for k, z in enumerate(self.z_dims):
+            mu, std, eps, code = latents[k]
+            torch.mm(dh3[k].t(), code, out=g[f"w3_{k}"])
+            torch.sum(dh3[k], 0, out=g[f"b3_{k}"])
+            dcode = torch.mm(dh3[k], p[f"w3_{k}"])
+            dstats = torch.empty(B, 2 * z, device=x.device)
+            torch.add(dcode, mu, out=dstats[:, :z])                                # d/dmu: recon + KL
+            # d/dlogvar = 0.5 (dcode eps std + std^2 - 1): recon through std, then KL
+            dlogvar = torch.mul(dcode, eps, out=dstats[:, z:]).mul_(std)
+            dlogvar.addcmul_(std, std).sub_(1.0).mul_(0.5)
+            # (h1^T dstats)^T rather than dstats^T h1: for small z, MKL splits the latter's
+            # 64-long sum across threads, and its rounding would depend on --threads.
+            g[f"w2_{k}"].copy_(torch.mm(h1[k].t(), dstats).t())
+            torch.sum(dstats, 0, out=g[f"b2_{k}"])
+            torch.mm(dstats, p[f"w2_{k}"], out=dh1[k])
+        dh1 = relu_backward(dh1, h1)
+        torch.bmm(dh1.transpose(1, 2), xs, out=g["w1"])
+        torch.sum(dh1, 1, out=g["b1"])
+        return nll + kl
+
+
+class ThreadPicker:
+    """The faster of one CPU thread and all of them, timed on the training steps
+    themselves (PROBE_STEPS with each), then watched: when a window of steps runs
+    DRIFT times slower or faster than the chosen count did, both are timed again.
+
+    Two threads win on a quiet 2-core machine, and lose badly (several times slower)
+    when another process holds a core: each small op ends with the two threads
+    waiting for each other, and other processes come and go within an epoch. The
+    choice changes no number: every kernel of the step rounds the same on any
+    thread count (a test checks it).
+    """
+    PROBE_STEPS, WINDOW, DRIFT = 16, 32, 1.5
+
+    def __init__(self, threads, device):
+        self.initial = torch.get_num_threads()
+        fixed = threads or (self.initial if device.type != "cpu" else None)
+        self.candidates = [fixed] if fixed else sorted({1, self.initial})
+        self.chosen = []    # per epoch: the count that ran most of its steps
+
+    def _timed(self, count, step, n):
+        """Run steps [step, step + n) on ``count`` threads; yields them, returns s/step."""
+        torch.set_num_threads(count)
+        start = time.perf_counter()
+        for index in range(step, step + n):
+            yield index
+        return (time.perf_counter() - start) / n
+
+    def schedule(self, steps):
+        """Yield the epoch's step indices, setting the thread count for each."""
+        used = dict.fromkeys(self.candidates, 0)
+        best, reference, step = self.candidates[0], None, 0   # too short to time: one thread
+        while step < steps:
+            if reference is None and len(self.candidates) > 1 and steps - step >= 4 * self.PROBE_STEPS:
+                timings = {}
+                for count in self.candidates:
+                    timings[count] = yield from self._timed(count, step, self.PROBE_STEPS)
+                    used[count] += self.PROBE_STEPS
+                    step += self.PROBE_STEPS
+                best = min(timings, key=timings.get)
+                reference = timings[best]
+            n = min(self.WINDOW, steps - step)
+            per_step = yield from self._timed(best, step, n)
+            used[best] += n
+            step += n
+            if reference is not None and not reference / self.DRIFT <= per_step <= reference * self.DRIFT:
+                reference = None      # the machine changed: time both again
+        self.chosen.append(max(used, key=used.get))
+
+    def restore(self):
+        torch.set_num_threads(self.initial)
+
+
+def train_stack(models, train_x, test_x=None, *, epochs=15, batch_size=64, lr=1e-3, seed=0,
+                likelihood="bernoulli", progress=True, log=print, labels=None, threads=None):
+    """Train ``models`` (VAEs, any z_dims) in place on the same batches; one history each.
+
+    A history holds, per epoch: ``train_loss`` (the epoch's summed loss over the
+    number of training images), and with ``test_x`` the test loss and its two
+    terms, ``test_loss`` = ``test_recon`` + ``test_kl`` (per image, see
+    ``evaluate``, seeded with ``seed``); and ``seconds`` (wall time of each epoch's
+    training) and ``threads`` (the CPU threads it ran on: ``threads``, or with None
+    the faster of 1 and torch's count, see ThreadPicker). Batches: a per-epoch
+    shuffled copy from a generator seeded with ``seed``; eps: one generator per
+    model seeded with ``seed + 1``. A non-finite epoch loss raises
+    FloatingPointError naming the epoch and the model.
+    """
+    from tqdm import tqdm
+
+    labels = labels or [f"z_dim {m.z_dim}" for m in models]
+    stack = StackedVAEs(models)
+    device = stack.device
+    optimizer = make_optimizer([stack.flat], lr)
+    shuffler = torch.Generator().manual_seed(seed)
+    eps_generators = [torch.Generator(device=device).manual_seed(seed + 1) for _ in models]
+    train_x = train_x.to(device)
+    n = len(train_x)
+    steps = math.ceil(n / batch_size)
+    histories = [{"train_loss": [], "test_loss": [], "test_recon": [], "test_kl": [], "seconds": [],
+                  "threads": []} for _ in models]
+    picker = ThreadPicker(threads, device)
+    try:
+        for epoch in range(1, epochs + 1):
+            start = time.perf_counter()
+            shuffled = train_x[torch.randperm(n, generator=shuffler).to(device)]
+            # Summed on the device and read once per epoch: a per-step .item() would
+            # force a synchronization (on a GPU) and costs a little even on a CPU.
+            total = torch.zeros(len(models), dtype=torch.float64, device=device)
+            bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
+                       disable=None if progress else True)
+            for step in picker.schedule(steps):
+                x = shuffled[step * batch_size:(step + 1) * batch_size]
+                total += stack.step(x, eps_generators, likelihood)
+                optimizer.step()
+                if not bar.disable and (step + 1) % 50 == 0:
+                    bar.update(50)
+            bar.close()
+            seconds = time.perf_counter() - start
+            for k, (model, history) in enumerate(zip(models, histories)):
+                history["train_loss"].append(total[k].item() / n)
+                history["seconds"].append(seconds)
+                history["threads"].append(picker.chosen[-1])
+                if test_x is not None:
+                    recon, kl = evaluate(model, test_x, likelihood=likelihood, seed=seed)
+                    history["test_recon"].append(recon)
+                    history["test_kl"].append(kl)
+                    history["test_loss"].append(recon + kl)
+                last = [history[key][-1] for key in ("train_loss", "test_loss") if history[key]]
+                if not all(map(math.isfinite, last)):
+                    raise FloatingPointError(f"loss became non-finite at epoch {epoch} ({labels[k]})")
+            if log is not None:
+                log(epoch_line(epoch, epochs, labels, histories, seconds))
+    finally:
+        stack.release()
+        picker.restore()
+    return histories
+
+
+def epoch_line(epoch, epochs, labels, histories, seconds):
+    """One log line per epoch: each model's train (and test) loss, then the epoch's time."""
+    parts = []
+    for label, history in zip(labels, histories):
+        part = f"train loss {history['train_loss'][-1]:8.3f}"
+        if history["test_loss"]:
+            part += f"  test loss {history['test_loss'][-1]:8.3f}"
+        parts.append(part if len(labels) == 1 else f"{label}: {part}")
+    threads = histories[0]["threads"][-1]
+    return (f"epoch {epoch:2d}/{epochs}  " + " | ".join(parts) +
+            f"  {seconds:5.2f} s, {threads} thread{'s' if threads > 1 else ''}")
