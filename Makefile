@@ -27,14 +27,6 @@ VAE_FIGS     := $(addprefix $(FIGURES)/,vae_loss.png vae_reconstructions.png vae
 .DEFAULT_GOAL := help
 .PHONY: help setup all features logreg vae figures report sweep test bench clean distclean FORCE
 
-# Settings that Make can check before anything runs: one line, and nothing is started.
-check_choice = $(if $(filter-out $(2),$($(1))),$(error $(1)=$($(1)) is not one of: $(2)))
-check_count  = $(if $(shell echo '$(strip $($(1)))' | grep -Ev '^[1-9][0-9]*$$'),$(error $(1)=$($(1)) is not a positive whole number))
-$(call check_choice,DEVICE,auto cpu cuda mps)
-$(call check_choice,DTYPE,float32 bfloat16)
-$(if $(strip $(LIMIT)),$(call check_count,LIMIT))
-check_path   = $(if $(filter-out 1,$(words $($(1)))),$(error $(1)='$($(1))' must be one path, without spaces))
-$(foreach v,DATA OUT FIGURES REPORT,$(call check_path,$(v)))
 
 help: ## show this help
 	@echo "Usage: make TARGET [VAR=value ...]"
@@ -144,7 +136,8 @@ report: $(REPORT) ## one page with every result and figure, read from the saved 
 
 # The sweeps' JSON files are shown when they exist; `make sweep` refreshes the report after them.
 $(REPORT): report.py labio.py $(FEATURES_MAT) $(OUT)/logreg.npz $(OUT)/vae.pt $(LOGREG_FIGS) $(VAE_FIGS) \
-           $(wildcard $(OUT)/sweep_logreg.json $(OUT)/sweep_vae.json) $(SETUP)
+           $(wildcard $(OUT)/sweep_logreg.json $(OUT)/sweep_vae.json $(FIGURES)/sweep_*.png $(FIGURES)/vae_*_2d.png) \
+           $(SETUP)
 	$(PYTHON) report.py --out-dir $(OUT) --figures-dir $(FIGURES) --report $@
 
 sweep: sweep-logreg sweep-vae ## both sweeps (batch size x lr, and z_dim), then the report
@@ -161,3 +154,15 @@ clean: ## remove generated artifacts and figures (keeps .venv and data)
 
 distclean: clean ## also remove the venv
 	rm -rf $(VENV)
+
+# Settings that Make can check before anything runs (here, after every default is set):
+# a bad one stops make with one line, and nothing is started.
+check_choice = $(if $(filter-out $(2),$($(1)))$(filter-out 1,$(words $($(1)))),$(error $(1)='$($(1))' is not one of: $(2)))
+check_counts = $(if $(strip $(foreach n,$($(1)),$(shell echo '$(n)' | grep -Ev '^[1-9][0-9]*$$'))),$(error $(1)=$($(1)) is not a list of positive whole numbers))
+$(call check_choice,DEVICE,auto cpu cuda mps)
+$(call check_choice,DTYPE,float32 bfloat16)
+$(call check_choice,SWEEP_MODE,reference default)
+$(foreach v,LIMIT SWEEP_BATCH SWEEP_EPOCHS ZDIMS,$(call check_counts,$(v)))
+$(foreach v,SWEEP_BATCH SWEEP_LR SWEEP_EPOCHS ZDIMS,$(if $(strip $($(v))),,$(error $(v) is empty; give it at least one value)))
+check_path   = $(if $(filter-out 1,$(words $($(1)))),$(error $(1)='$($(1))' must be one path, without spaces))
+$(foreach v,DATA OUT FIGURES REPORT,$(call check_path,$(v)))

@@ -240,7 +240,9 @@ def test_make_resumes_after_an_interrupt_without_redoing_completed_stages(tmp_pa
 
 
 @pytest.mark.parametrize("setting", ["DEVICE=gpu", "LIMIT=abc", "LIMIT=0", "LIMIT=-5", "OUT=a b",
-                                     "REPORT=", "FIGURES=x y"])
+                                     "REPORT=", "FIGURES=x y", "DTYPE=float16", "DTYPE=",
+                                     "SWEEP_MODE=fast", "SWEEP_EPOCHS=0", "SWEEP_BATCH=16 x",
+                                     "ZDIMS=2 2.5", "ZDIMS=", "SWEEP_LR="])
 def test_make_rejects_bad_settings_before_running_anything(setting, tmp_path):
     name, _, value = setting.partition("=")
     before = snapshot(HERE + "/artifacts") if os.path.isdir(HERE + "/artifacts") else {}
