@@ -35,7 +35,7 @@ help: ## show this help
 	@grep -hE '^[a-zA-Z_$$()/.-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:[^#]*## /\t/' | awk -F'\t' '{printf "  %-22s %s\n", $$1, $$2}'
 	@echo
 	@echo "Variables (current value):"
-	@$(foreach v,$(HELP_VARS),printf "  %-9s %-22s %s\n" "$(v)" "$(or $($(v)),(empty))" "$(shell sed -nE 's/^$(v) +\?=[^#]*## (.*)/\1/p' $(firstword $(MAKEFILE_LIST)))";)
+	@$(foreach v,$(HELP_VARS),printf "  %-13s %-22s %s\n" "$(v)" "$(or $($(v)),(empty))" "$(shell sed -nE 's/^$(v) +\?=[^#]*## (.*)/\1/p' $(firstword $(MAKEFILE_LIST)))";)
 
 setup: $(SETUP) ## create .venv and install requirements (done automatically by other targets)
 

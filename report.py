@@ -161,7 +161,7 @@ def stages_section(a):
             rows.append((f"features, {split}", "not run (`make features`)", "", ""))
     lr = a["logreg"]
     if lr:
-        mode = "reference procedure" if lr["config"].get("reference") else "default training"
+        mode = "reference procedure" if lr["config"].get("mode") == "reference" else "default training"
         rows.append(("logistic regression", f"{mode}, {lr['epochs_run']} epochs run",
                      num(lr["seconds"]["total"], ".1f"),
                      f"{lr['epochs_run'] / lr['seconds']['train']:.2f} epochs/s (training)"))
