@@ -14,6 +14,9 @@ REPORT   ?= REPORT.md## where make report writes the one-page results report
 VENV      := .venv
 HELP_VARS := PYTHON DATA OUT FIGURES WEIGHTS LIMIT DEVICE DTYPE REPORT BOOTSTRAP
 BOOTSTRAP ?= python3## the Python that creates .venv
+# Paths go into rule targets, so they are checked before any rule is read.
+check_path   = $(if $(filter-out 1,$(words $($(1)))),$(error $(1)='$($(1))' must be one path, without spaces))
+$(foreach v,DATA OUT FIGURES REPORT,$(call check_path,$(v)))
 REQS      := requirements.txt requirements-dev.txt
 # Scripts depend on the venv only when it is the interpreter in use.
 SETUP     := $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/.installed)
@@ -164,5 +167,3 @@ $(call check_choice,DTYPE,float32 bfloat16)
 $(call check_choice,SWEEP_MODE,reference default)
 $(foreach v,LIMIT SWEEP_BATCH SWEEP_EPOCHS ZDIMS,$(call check_counts,$(v)))
 $(foreach v,SWEEP_BATCH SWEEP_LR SWEEP_EPOCHS ZDIMS,$(if $(strip $($(v))),,$(error $(v) is empty; give it at least one value)))
-check_path   = $(if $(filter-out 1,$(words $($(1)))),$(error $(1)='$($(1))' must be one path, without spaces))
-$(foreach v,DATA OUT FIGURES REPORT,$(call check_path,$(v)))

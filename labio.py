@@ -14,6 +14,20 @@ import sys
 import tempfile
 
 
+def one_blas_thread_unless_set():
+    """Ask numpy's BLAS for one thread, unless the user set a count; only a script's
+    entry point calls this, before numpy loads, so importing a module changes nothing.
+
+    The classifier's mini-batch products are small (256 x 2048 x 10): a second
+    thread gains little, and when the cores are shared with other work every
+    product waits for it (on a 2-core VM with other jobs running, the default
+    logreg run took 7-8 s with one thread and 36-54 s with two). A sweep also
+    matches its lone runs bit for bit only when both use the same thread count.
+    """
+    for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+
+
 class UserError(Exception):
     """A mistake the user can fix; printed as one line, without a traceback."""
 

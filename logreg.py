@@ -23,14 +23,10 @@ import zipfile
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-# One BLAS thread unless the user sets a count (this only acts before numpy's first import, i.e.
-# when logreg.py or sweep_logreg.py is the script). The mini-batch products are small (256 x 2048
-# x 10): a second thread gains little, and when the cores are shared with other work every product
-# waits for it. On a 2-core VM with other jobs running, the whole default run took 7-8 s with one
-# thread and 36-54 s with two. A sweep also matches its lone runs bit for bit only when both use
-# the same thread count.
-for _blas_threads in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_blas_threads, "1")
+import labio
+
+if __name__ == "__main__":   # before numpy loads: the BLAS thread count is read then
+    labio.one_blas_thread_unless_set()
 
 import numpy as np  # noqa: E402
 

@@ -20,15 +20,20 @@ together (logreg.train_reference_lrs), and the batch sizes train in parallel pro
 
 Outputs: OUT/sweep_logreg.json, then FIGURES/sweep_logreg.png.
 """
-import logreg  # first: it asks for one BLAS thread before numpy loads (see there)
+import json
+import math
+import multiprocessing
+import os
+import queue
+import signal
+import time
 
-import json  # noqa: E402  (stdlib after logreg on purpose, see above)
-import math  # noqa: E402
-import multiprocessing  # noqa: E402
-import os  # noqa: E402
-import queue  # noqa: E402
-import signal  # noqa: E402
-import time  # noqa: E402
+import labio
+
+if __name__ == "__main__":   # before numpy loads: the BLAS thread count is read then
+    labio.one_blas_thread_unless_set()
+
+import logreg  # noqa: E402
 
 import numpy as np  # noqa: E402
 

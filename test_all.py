@@ -1520,7 +1520,7 @@ def test_sweep_logreg_make_target_reruns_only_when_a_variable_changes(sweep_resu
     out.mkdir()
     for split in ("train", "test"):
         (out / f"mnist_{split}.mat").write_bytes(sweep_result[split].read_bytes())
-    (out / ".features.args").write_text("data IMAGENET1K_V1  auto\n")   # the defaults' stamp
+    (out / ".features.args").write_text("data IMAGENET1K_V1  auto float32\n")   # the defaults' stamp
     os.utime(out / ".features.args", (time.time() - 60, time.time() - 60))   # older than the features
     make = ["make", "-s", "sweep-logreg", f"PYTHON={sys.executable}", f"OUT={out}", f"FIGURES={tmp_path / 'figs'}",
             "SWEEP_BATCH=7 32", "SWEEP_LR=0.001 0.05"]
@@ -2173,7 +2173,7 @@ def test_vae_interrupt_leaves_each_output_complete_or_absent(moment, sig, vae_da
 import sweep_vae  # noqa: E402
 
 
-def sweep_run(data_root, out, figs, *z_dims, extra=()):
+def vae_sweep_run(data_root, out, figs, *z_dims, extra=()):
     proc = vae_in_process("--z-dims", *z_dims, "--data-root", data_root, "--out-dir", out, "--figures-dir", figs,
                           "--epochs", "2", "--device", "cpu", *extra, script=sweep_vae)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
@@ -2184,7 +2184,7 @@ def sweep_run(data_root, out, figs, *z_dims, extra=()):
 def vae_sweep(vae_data_root, tmp_path_factory):
     """A sweep of z_dims 20, 5 and 2 in two processes: 20 and 2 here, 5 in a spawned one."""
     out = tmp_path_factory.mktemp("vae_sweep")
-    sweep_run(vae_data_root, out, out / "figs", 20, 5, 2, extra=["--processes", "2", "--threads", "1"])
+    vae_sweep_run(vae_data_root, out, out / "figs", 20, 5, 2, extra=["--processes", "2", "--threads", "1"])
     return out
 
 
@@ -2250,7 +2250,7 @@ def test_sweep_vae_without_z_dim_2_draws_placeholders(vae_data_root, tmp_path):
     figs = tmp_path / "figs"
     figs.mkdir()
     (figs / "vae_manifold_2d.png").write_bytes(b"an older figure")
-    proc = sweep_run(vae_data_root, tmp_path / "out", figs, 3, extra=["--limit", "64", "--processes", "1"])
+    proc = vae_sweep_run(vae_data_root, tmp_path / "out", figs, 3, extra=["--limit", "64", "--processes", "1"])
     assert proc.stdout.count("(placeholder: z_dim 2 is not in this sweep") == 2
     assert (figs / "vae_manifold_2d.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(leftovers(figs)) == sorted(sweep_vae.FIGURE_NAMES)
