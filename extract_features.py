@@ -198,6 +198,9 @@ def parse_args(argv=None):
                    help="IMAGENET1K_V1, IMAGENET1K_V2, none (random init) or a state_dict .pth")
     add_common_args(p, "limit")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads (default: torch's, one per core); fewer can be faster while other "
+                        "work shares the cores")
     add_common_args(p, "device")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16 is opt-in: faster only where the hardware has bf16 units")
@@ -236,6 +239,8 @@ def warn(message):
 def main(argv=None):
     args = parse_args(argv)
     check_can_create(args.out_dir)              # fail before any heavy work, create nothing
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     plan = read_plan(args.plan_from) if args.plan_from else None
     splits = ("train", "test") if args.split == "both" else (args.split,)

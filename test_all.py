@@ -290,7 +290,7 @@ def features_run(mnist_root, resnet_pth, tmp_path_factory):
     """One extraction of both tiny splits through the CLI with the .pth weights."""
     out = str(tmp_path_factory.mktemp("features"))
     proc = run_cli("extract_features.py", "--data-root", mnist_root, "--out-dir", out,
-                   "--weights", resnet_pth, "--batch-size", "20")
+                   "--weights", resnet_pth, "--batch-size", "20", "--threads", "1")
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
@@ -441,7 +441,7 @@ def test_mat_contract(features_run, mnist_root, resnet_pth):
         assert mat_text(trmat, "dtype") == "float32"
         assert mat_text(trmat, "torch_version") == torch.__version__
         assert float(np.squeeze(trmat["elapsed_seconds"])) > 0
-        assert int(np.squeeze(trmat["threads"])) == torch.get_num_threads()
+        assert int(np.squeeze(trmat["threads"])) == 1          # --threads 1
         assert int(np.squeeze(trmat["batch_size"])) == 20
         plan = fr.parse_plan(mat_text(trmat, "conv_plan"))
         assert len(plan) == 53 and fr.plan_summary(plan) == mat_text(trmat, "conv_plan_summary")
@@ -657,7 +657,7 @@ BAD_INPUTS = ["unknown weights name", "missing weights file", "corrupt weights f
               "out dir under a file", "cuda without a GPU", "plan file missing", "plan file not a .mat",
               "plan file without a plan", "plan with an unknown kind", "plan naming other convs",
               "plan that does not fit",
-              "--limit 0", "--batch-size -3", "--image-size abc", "--dtype float16", "--seed -1",
+              "--limit 0", "--batch-size -3", "--threads 0", "--image-size abc", "--dtype float16", "--seed -1",
               "--device tpu", "--split val"]
 
 
