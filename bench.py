@@ -399,14 +399,15 @@ def bench_vae(data_root, epochs=2, seed=0, process_epochs=15):
     finally:
         torch.set_num_threads(threads)
     lone_s, sweep_s = vae_processes(data_root, process_epochs)
-    ref_s = sum(ref_seconds) / epochs
-    our_s = sum(our_seconds) / epochs
+    # The best epoch of each: on a shared machine another process can stall any one
+    # epoch (two threads waiting on a busy core), and the best is the machine's speed.
+    ref_s, our_s = min(ref_seconds), min(our_seconds)
     speedup = ref_s / our_s
     worst = max(abs(o - r) / r for o, r in zip(our_losses, ref_losses))
     fmt = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
     z_dims = " ".join(map(str, sweep_vae.DEFAULT_Z_DIMS))
     return [
-        row(f"VAE fp32 epoch vs assignment loop ({epochs} epochs each)", f"{our_s:.2f} s/epoch",
+        row(f"VAE fp32 epoch vs assignment loop (best of {epochs} epochs each)", f"{our_s:.2f} s/epoch",
             f"{ref_s:.2f} s/epoch", speedup, ">= 3x", speedup >= 3.0,
             f"both with {threads} threads; assignment loop: DataLoader+ToTensor, autograd, Adam, "
             "per-step .item(); ours: preloaded tensor, hand-written gradients (vae_stack), one "

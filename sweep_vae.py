@@ -221,7 +221,12 @@ def load_models(summary, out_dir, summary_path):
     models = {}
     for run in summary["runs"]:
         path = checkpoint_path(out_dir, run["z_dim"])
-        model, ckpt = vae.load_checkpoint(path, z_dim=run["z_dim"])
+        if not os.path.isfile(path):
+            raise UserError(f"no checkpoint at {path}, which {summary_path} lists; rerun `make sweep-vae`")
+        model, ckpt = vae.load_checkpoint(path)
+        if model.z_dim != run["z_dim"]:
+            raise UserError(f"{path} holds a z_dim-{model.z_dim} model, but {summary_path} lists it for "
+                            f"z_dim {run['z_dim']}; rerun `make sweep-vae`")
         if ckpt is None or ckpt["test_loss"] != run["test_loss"]:
             raise UserError(f"{path} and {summary_path} come from different runs; rerun `make sweep-vae`")
         models[run["z_dim"]] = model

@@ -2088,7 +2088,8 @@ def test_vae_bad_input_is_one_line_and_changes_no_file(case, vae_bad_files, vae_
     out, figs = vae_older_outputs
     argv = vae_bad_argv(arguments, vae_bad_files, out, figs, vae_data_root, out / "vae.pt")
     before = snapshot(out, figs, vae_bad_files["a_file"].parent)
-    assert_rejected(vae_in_process(*argv), before, [out, figs, vae_bad_files["a_file"].parent], *fragments)
+    line = assert_rejected(vae_in_process(*argv), before, [out, figs, vae_bad_files["a_file"].parent], *fragments)
+    print(f"{case[0]}: {line}")   # shown with -s: the list of messages for the report
 
 
 @pytest.mark.parametrize("name", ["flag_unknown", "plot_only_garbage"])
@@ -2288,8 +2289,10 @@ SWEEP_BAD_INPUTS = [
     ("plot_only_not_json", ["--plot-only", "--out-dir", "not_json"], ["not JSON, or damaged"]),
     ("plot_only_other_kind", ["--plot-only", "--out-dir", "other_kind"], ["not a sweep_vae.py summary", "sweep_logreg"]),
     ("plot_only_no_runs", ["--plot-only", "--out-dir", "no_runs"], ["'runs' is not a list"]),
-    ("plot_only_lost_checkpoint", ["--plot-only", "--out-dir", "lost_checkpoint"], ["no checkpoint at", "vae_z2.pt"]),
-    ("plot_only_mixed_runs", ["--plot-only", "--out-dir", "mixed_runs"], ["vae_z2.pt", "z_dim 20", "--z-dim 2"]),
+    ("plot_only_lost_checkpoint", ["--plot-only", "--out-dir", "lost_checkpoint"],
+     ["no checkpoint at", "vae_z2.pt", "make sweep-vae"]),
+    ("plot_only_mixed_runs", ["--plot-only", "--out-dir", "mixed_runs"],
+     ["vae_z2.pt holds a z_dim-20 model", "lists it for z_dim 2"]),
 ]
 
 
@@ -2311,7 +2314,7 @@ def test_sweep_vae_bad_input_is_one_line_and_changes_no_file(case, sweep_bad_fil
     (figs / "sweep_vae_loss.png").write_bytes(b"an older figure")
     before = snapshot(out, figs)
     proc = vae_in_process(*argv, "--figures-dir", figs, script=sweep_vae)
-    assert_rejected(proc, before, [out, figs], *fragments)
+    print(f"{case[0]}: {assert_rejected(proc, before, [out, figs], *fragments)}")
 
 
 @pytest.mark.skipif(not os.environ.get("MNIST_ROOT"), reason="set MNIST_ROOT to the real MNIST root")
