@@ -1744,6 +1744,17 @@ def test_vae_stack_trains_like_autograd_and_adam(vae_data_root, vae_one_thread):
             assert torch.allclose(ours, theirs, rtol=0, atol=1e-4), name
 
 
+def assert_same_run(weights, other_weights, history, other_history, keys):
+    """Two trainings that should be the same run: bit-equal where the BLAS kernels round
+    alike (on the machines measured, they are), and within 1e-5 relative wherever a CPU's
+    kernels round a batched product differently. Another batch order or other eps draws
+    moves these numbers by about 1e-2, so the tolerance still tells a different run apart."""
+    for name in weights:
+        torch.testing.assert_close(weights[name], other_weights[name], rtol=1e-5, atol=1e-7)
+    for key in keys:
+        np.testing.assert_allclose(history[key], other_history[key], rtol=1e-5, err_msg=key)
+
+
 def test_vae_stack_numbers_do_not_depend_on_the_thread_count(vae_data_root):
     """1 thread, 2 threads, or ThreadPicker's choice per epoch (64 steps: it probes both):
     the same weights and losses, so choosing the faster count changes no number."""
@@ -1771,8 +1782,7 @@ def test_vae_stack_numbers_do_not_depend_on_the_thread_count(vae_data_root):
     assert all(set(h["threads"]) <= {1, 2} for h in runs[None][0])
     for histories, weights in runs.values():
         for k in range(2):
-            assert all(histories[k][key] == one[k][key] for key in vae.HISTORY_KEYS)
-            assert all(torch.equal(weights[k][name], one_weights[k][name]) for name in weights[k])
+            assert_same_run(weights[k], one_weights[k], histories[k], one[k], vae.HISTORY_KEYS)
 
 
 # ------------------------------------------------------------------- data
@@ -2190,7 +2200,7 @@ def vae_sweep(vae_data_root, tmp_path_factory):
 
 
 @pytest.mark.parametrize("z_dim", [20, 5])
-def test_sweep_vae_run_equals_a_lone_vae_run_exactly(z_dim, vae_sweep, vae_data_root, tmp_path):
+def test_sweep_vae_run_equals_a_lone_vae_run(z_dim, vae_sweep, vae_data_root, tmp_path):
     """Stacking and processes change nothing for a model: the same init, batches, eps and float
     rounding (batched matmuls are per-model GEMMs; each image's loss is summed by one thread).
     z_dim 20 trained in a stack of two here, z_dim 5 alone in the spawned process."""
@@ -2200,11 +2210,10 @@ def test_sweep_vae_run_equals_a_lone_vae_run_exactly(z_dim, vae_sweep, vae_data_
     assert proc.returncode == 0, proc.stderr
     alone = torch.load(lone / "vae.pt", weights_only=True)
     swept = torch.load(vae_sweep / "sweep_vae" / f"vae_z{z_dim}.pt", weights_only=True)
-    assert all(torch.equal(alone["model"][k], swept["model"][k]) for k in alone["model"])
     summary = json.loads((vae_sweep / "sweep_vae.json").read_text())
     run = next(r for r in summary["runs"] if r["z_dim"] == z_dim)
-    for key in vae.HISTORY_KEYS:
-        assert alone[key] == swept[key] == run[key], key
+    assert_same_run(alone["model"], swept["model"], alone, swept, vae.HISTORY_KEYS)
+    assert all(swept[key] == run[key] for key in vae.HISTORY_KEYS)   # the JSON holds the checkpoint's numbers
     assert alone["config"] == swept["config"]
 
 
