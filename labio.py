@@ -148,6 +148,18 @@ def write_json(path, obj):
         f.write("\n")
 
 
+def read_json(path, make_target):
+    """A results JSON file; a missing or unreadable one is a UserError naming the Make target
+    that writes it."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path!r} not found; run `make {make_target}` first")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UserError(f"cannot read {path!r} as JSON ({exc}); run `make {make_target}` again") from None
+
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
     import matplotlib

@@ -9,11 +9,10 @@ with the command that runs it.
     python report.py --out-dir /tmp/a --figures-dir /tmp/f --report /tmp/REPORT.md
 """
 import datetime
-import json
 import os
 import platform
 
-from labio import ArgumentParser, UserError, atomic_path, run_main
+from labio import ArgumentParser, UserError, atomic_path, read_json, run_main
 
 # The assignment's published numbers, shown beside ours for comparison.
 ASSIGNMENT_ACCURACY = 0.9705          # logistic regression on pretrained ResNet-50 features
@@ -29,15 +28,9 @@ SWEEP_VAE_FIGURES = ("sweep_vae_loss.png", "sweep_vae_reconstructions.png", "vae
 
 # ----------------------------------------------------------------- reading
 
-def read_json(path):
-    """The parsed file, or None when it does not exist; a damaged file is a UserError."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path!r} ({exc}); re-run the stage that writes it") from None
+def read_result(path, make_target):
+    """A results JSON file, or None when its stage has not run yet."""
+    return read_json(path, make_target) if os.path.isfile(path) else None
 
 
 def read_mat_metadata(path):
@@ -271,11 +264,11 @@ def collect(out_dir):
     return {
         "train_mat": read_mat_metadata(path("mnist_train.mat")),
         "test_mat": read_mat_metadata(path("mnist_test.mat")),
-        "logreg": read_json(path("logreg_metrics.json")),
+        "logreg": read_result(path("logreg_metrics.json"), "logreg"),
         "logreg_history": read_logreg_history(path("logreg.npz")),
-        "vae": read_json(path("vae_metrics.json")),
-        "sweep_logreg": read_json(path("sweep_logreg.json")),
-        "sweep_vae": read_json(path("sweep_vae.json")),
+        "vae": read_result(path("vae_metrics.json"), "vae"),
+        "sweep_logreg": read_result(path("sweep_logreg.json"), "sweep-logreg"),
+        "sweep_vae": read_result(path("sweep_vae.json"), "sweep-vae"),
     }
 
 

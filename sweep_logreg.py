@@ -20,7 +20,6 @@ together (logreg.train_reference_lrs), and the batch sizes train in parallel pro
 
 Outputs: OUT/sweep_logreg.json, then FIGURES/sweep_logreg.png.
 """
-import json
 import math
 import multiprocessing
 import os
@@ -37,7 +36,7 @@ import logreg  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from labio import (ArgumentParser, UserError, add_common_args, check_can_create, ensure_writable_dir,  # noqa: E402
+from labio import (ArgumentParser, UserError, read_json, add_common_args, check_can_create, ensure_writable_dir,  # noqa: E402
                    plan_outputs, positive_float, positive_int, pyplot, run_main, save_figure, versions,
                    write_json)
 
@@ -214,13 +213,7 @@ RUN_KEYS = {"batch_size", "lr", "diverged", "diverged_epoch", "seconds", "train_
 
 def load_sweep(path):
     """The sweep JSON, checked enough to draw it: a damaged or foreign file is a UserError."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path!r} not found; run `make sweep-logreg` first")
-    try:
-        with open(path) as f:
-            sweep = json.load(f)
-    except (OSError, ValueError) as exc:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise UserError(f"cannot read {path!r} as JSON ({exc}); run `make sweep-logreg` again") from None
+    sweep = read_json(path, "sweep-logreg")
     problem = _sweep_problem(sweep)
     if problem:
         raise UserError(f"{path!r}: {problem}; run `make sweep-logreg` again")

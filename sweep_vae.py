@@ -16,7 +16,6 @@ the same settings (the tests check it, exactly).
 """
 import dataclasses
 import io
-import json
 import multiprocessing
 import os
 import signal
@@ -29,7 +28,7 @@ import vae
 import vae_figures as vf
 import vae_stack
 from labio import (ArgumentParser, UserError, add_common_args, check_can_create, load_mnist, plan_outputs,
-                   positive_float, positive_int, resolve_device, run_main, versions, write_json)
+                   positive_float, positive_int, read_json, resolve_device, run_main, versions, write_json)
 
 SUMMARY_NAME = "sweep_vae.json"
 CHECKPOINT_DIR = "sweep_vae"      # under OUT: one vae.py checkpoint per z_dim
@@ -197,14 +196,7 @@ def sweep(args):
 
 def read_summary(path):
     """sweep_vae.json, checked: a UserError names what does not fit."""
-    if not os.path.isfile(path):
-        raise UserError(f"no sweep results at {path}; run `make sweep-vae` first")
-    try:
-        with open(path) as f:
-            summary = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {path}: not JSON, or damaged ({type(exc).__name__}); "
-                        "rerun `make sweep-vae`") from None
+    summary = read_json(path, "sweep-vae")
     if not isinstance(summary, dict) or summary.get("kind") != "sweep_vae":
         kind = summary.get("kind") if isinstance(summary, dict) else type(summary).__name__
         raise UserError(f"{path} is not a sweep_vae.py summary (kind {kind!r}); rerun `make sweep-vae`")

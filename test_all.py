@@ -1777,7 +1777,7 @@ def test_vae_stack_numbers_do_not_depend_on_the_thread_count(vae_data_root):
     finally:
         torch.set_num_threads(initial)
     assert torch.get_num_threads() == initial
-    (one, one_weights), (two, two_weights) = runs[1], runs[2]
+    (one, one_weights), (two, _) = runs[1], runs[2]
     assert [h["threads"] for h in one] == [[1, 1]] * 2 and [h["threads"] for h in two] == [[2, 2]] * 2
     assert all(set(h["threads"]) <= {1, 2} for h in runs[None][0])
     for histories, weights in runs.values():
@@ -2166,7 +2166,7 @@ def test_vae_interrupt_leaves_each_output_complete_or_absent(moment, sig, vae_da
     assert code == 130 and "Traceback" not in err, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "interrupted" in lines[0], err
-    everything = [f"vae_metrics.json", "vae.pt", *vae.FIGURE_NAMES]
+    everything = ["vae_metrics.json", "vae.pt", *vae.FIGURE_NAMES]
     if moment == "training":
         assert "nothing was completed" in lines[0] and all(name in lines[0] for name in everything)
         assert leftovers(out) == [] and leftovers(figs) == []
@@ -2294,8 +2294,8 @@ SWEEP_BAD_INPUTS = [
     ("processes_zero", ["--processes", "0"], ["--processes"]),
     ("lr_diverges", ["--lr", "1e30", "--epochs", "1", "--z-dims", "2", "3"], ["non-finite at epoch 1", "lower --lr"]),
     ("no_mnist", ["--data-root", "NO_MNIST"], ["MNIST/raw"]),
-    ("plot_only_no_summary", ["--plot-only", "--out-dir", "EMPTY"], ["no sweep results", "make sweep-vae"]),
-    ("plot_only_not_json", ["--plot-only", "--out-dir", "not_json"], ["not JSON, or damaged"]),
+    ("plot_only_no_summary", ["--plot-only", "--out-dir", "EMPTY"], ["not found", "make sweep-vae` first"]),
+    ("plot_only_not_json", ["--plot-only", "--out-dir", "not_json"], ["as JSON", "make sweep-vae` again"]),
     ("plot_only_other_kind", ["--plot-only", "--out-dir", "other_kind"], ["not a sweep_vae.py summary", "sweep_logreg"]),
     ("plot_only_no_runs", ["--plot-only", "--out-dir", "no_runs"], ["'runs' is not a list"]),
     ("plot_only_lost_checkpoint", ["--plot-only", "--out-dir", "lost_checkpoint"],
