@@ -36,7 +36,7 @@ from labio import (ArgumentParser, UserError, add_common_args, atomic_path, chec
 from roc import auc, multiclass_roc, roc_curve  # noqa: E402,F401  (logreg.roc_curve etc. stay importable)
 
 NUM_CLASSES = 10
-METADATA_KEYS = ("weights", "pretrained", "preprocessing", "image_size", "dtype",
+METADATA_KEYS = ("weights", "weights_kind", "pretrained", "preprocessing", "image_size", "dtype",
                  "torch_version", "torchvision_version", "elapsed_seconds")
 # Defaults of the two training procedures; None on the command line means "the mode's default".
 # An option that a mode does not use is None (the reference procedure has no momentum, no early
@@ -534,8 +534,12 @@ def load_features(path, role):
 
 
 def is_random_init(meta):
+    """Features from random-init weights. A .pth file (weights_kind "file") is not random-init,
+    but it is not known to be ImageNet either: its "pretrained" is 0 and titles name the file."""
     weights = str(meta.get("weights", "")).lower()
-    return meta.get("pretrained") == 0 or weights.startswith("random") or weights == "none"
+    if "weights_kind" in meta:
+        return meta["weights_kind"] == "random-init"
+    return weights.startswith("random") or weights == "none"
 
 
 def load_pair(train_path, test_path):

@@ -1098,6 +1098,16 @@ def test_logreg_multiclass_auc_matches_sklearn_ovr(seed):
     assert result["undefined"] == {}
 
 
+def test_logreg_is_random_init_reads_the_weights_kind():
+    """A .pth run (pretrained 0, not known to be ImageNet) is not called random-init, nor pretrained."""
+    file_meta = {"weights": "file:/x/r50.pth sha256:ab", "weights_kind": "file", "pretrained": 0}
+    assert not logreg.is_random_init(file_meta)
+    assert "file:/x/r50.pth" in logreg.title_suffix({"train": file_meta})
+    assert logreg.is_random_init({"weights": "random-init (WEIGHTS=none)", "weights_kind": "random-init"})
+    assert logreg.is_random_init({"weights": "random-init (WEIGHTS=none)", "pretrained": 0})
+    assert not logreg.is_random_init({"weights": "IMAGENET1K_V1", "weights_kind": "imagenet", "pretrained": 1})
+
+
 def test_logreg_absent_class_has_no_auc_and_the_macro_skips_it():
     from sklearn.metrics import roc_auc_score
 
