@@ -161,7 +161,7 @@ distclean: clean ## also remove the venv
 # Settings that Make can check before anything runs (here, after every default is set):
 # a bad one stops make with one line, and nothing is started.
 check_choice = $(if $(filter-out $(2),$($(1)))$(filter-out 1,$(words $($(1)))),$(error $(1)='$($(1))' is not one of: $(2)))
-check_counts = $(if $(strip $(foreach n,$($(1)),$(shell echo '$(n)' | grep -Ev '^[1-9][0-9]*$$'))),$(error $(1)=$($(1)) is not a list of positive whole numbers))
+check_counts = $(if $(strip $(foreach n,$($(1)),$(shell echo '$(n)' | grep -Ev '^[1-9][0-9]*$$'))),$(error $(1)=$($(1)): expected whole number(s) >= 1))
 $(call check_choice,DEVICE,auto cpu cuda mps)
 $(call check_choice,DTYPE,float32 bfloat16)
 $(call check_choice,SWEEP_MODE,reference default)
