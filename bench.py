@@ -25,7 +25,7 @@ import logreg
 import sweep_logreg
 import sweep_vae
 import vae
-from labio import ArgumentParser, UserError, run_main
+from labio import ISA_FLAGS, ArgumentParser, UserError, cpu_model_and_flags, run_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,7 +42,6 @@ def row(benchmark, ours, reference, ratio, target, ok, note=""):
 
 # ----------------------------------------------------------------- machine
 
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 _MACHINE = {}
 
 
@@ -62,7 +61,7 @@ def machine():
     """What this run measures on, found once per run: CPU, ISA flags, threads, load
     and the fp32 / bf16 matmul peaks (every section can compare with them)."""
     if not _MACHINE:
-        cpu, flags = fr.cpu_model_and_flags()
+        cpu, flags = cpu_model_and_flags()
         _MACHINE.update(cpu=cpu, isa={f: f in flags for f in ISA_FLAGS}, bf16_units=bool(
             flags & {"avx512_bf16", "amx_bf16"}), threads=torch.get_num_threads(), cpus=os.cpu_count(),
             load=os.getloadavg()[0], fp32_peak=matmul_peak_gflops(torch.float32),

@@ -21,7 +21,6 @@ All four compute the same function and differ only in rounding; the tests hold
 every one of them to the reference features.
 """
 import itertools
-import platform
 import time
 
 import torch
@@ -29,30 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from labio import cpu_model_and_flags  # noqa: F401  (fast_resnet.cpu_model_and_flags stays importable)
+
 KINDS = ("onednn", "aten", "gemm", "smallmap")     # also the order of preference on a tie
 POSTS = ("none", "relu", "add-relu")               # what follows a conv in ResNet-50
 
 
 # ------------------------------------------------------------- the machine
-
-def cpu_model_and_flags():
-    """(CPU model name, set of ISA flags) from /proc/cpuinfo; (platform's name, empty set) elsewhere."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and value.strip():
-                    model = value.strip()
-                elif key in ("flags", "Features"):           # x86, arm64
-                    flags = set(value.split())
-                if flags and key == "":                      # end of the first processor
-                    break
-    except OSError:
-        pass
-    return model, flags
-
 
 def has_bf16_units(device):
     """True/False where we can tell whether ``device`` computes bf16 natively, else None."""

@@ -259,6 +259,29 @@ def resolve_device(name):
     return torch.device(name)
 
 
+# The ISA flags that decide this lab's speed on a CPU (AVX-512 and bf16 units, AMX).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_model_and_flags():
+    """(CPU model name, set of ISA flags) from /proc/cpuinfo; (platform's name, empty set) elsewhere."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and value.strip():
+                    model = value.strip()
+                elif key in ("flags", "Features"):           # x86, arm64
+                    flags = set(value.split())
+                if flags and key == "":                      # end of the first processor
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
 def versions():
     """Versions of the libraries this process has loaded, recorded in every output.
 

@@ -10,9 +10,8 @@ with the command that runs it.
 """
 import datetime
 import os
-import platform
 
-from labio import ArgumentParser, UserError, atomic_path, read_json, run_main
+from labio import ISA_FLAGS, ArgumentParser, UserError, atomic_path, cpu_model_and_flags, read_json, run_main
 
 # The assignment's published numbers, shown beside ours for comparison.
 ASSIGNMENT_ACCURACY = 0.9705          # logistic regression on pretrained ResNet-50 features
@@ -41,9 +40,8 @@ def read_mat_metadata(path):
     if not os.path.isfile(path):
         return None
     try:
-        names = {name for name, _, _ in sio.whosmat(path)}
-        shape = dict((name, shape) for name, shape, _ in sio.whosmat(path))["features"]
-        mat = sio.loadmat(path, variable_names=sorted(names - {"features", "labels"}))
+        shapes = {name: shape for name, shape, _ in sio.whosmat(path)}
+        mat = sio.loadmat(path, variable_names=sorted(set(shapes) - {"features", "labels"}))
     except Exception as exc:   # scipy raises several types for a damaged or foreign file
         raise UserError(f"cannot read {path!r} as a features .mat ({type(exc).__name__}); "
                         "run `make features` again") from None
@@ -53,7 +51,7 @@ def read_mat_metadata(path):
             continue
         value = np.squeeze(value)
         meta[key] = str(value) if value.dtype.kind in "US" else (value.item() if value.size == 1 else value.tolist())
-    meta["n"] = int(shape[0])
+    meta["n"] = int(shapes["features"][0])
     return meta
 
 
@@ -69,26 +67,6 @@ def read_logreg_history(path):
                     "train_loss": z["train_loss"].tolist()}
     except Exception as exc:
         raise UserError(f"cannot read {path!r} ({type(exc).__name__}); run `make logreg` again") from None
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
 
 
 # --------------------------------------------------------------- formatting
@@ -124,6 +102,7 @@ def is_random(meta):
 def provenance_section(a):
     train = a["train_mat"] or {}
     versions = ((a["vae"] or {}).get("versions") or {})
+    cpu, flags = cpu_model_and_flags()
     lines = ["## Provenance", ""]
     if train and is_random(train):
         lines += ["> **WARNING: the ResNet-50 features come from RANDOM-INIT weights "
@@ -132,7 +111,7 @@ def provenance_section(a):
                   f"{ASSIGNMENT_ACCURACY}.**", ""]
     lines += table(("item", "value"), [
         ("report written", datetime.datetime.now().strftime("%Y-%m-%d %H:%M")),
-        ("CPU", f"{cpu_model()}; ISA: {', '.join(cpu_flags()) or 'none of avx2/avx512/bf16/amx'}; "
+        ("CPU", f"{cpu}; ISA: {', '.join(f for f in ISA_FLAGS if f in flags) or 'none of ' + '/'.join(ISA_FLAGS)}; "
                 f"{os.cpu_count()} logical CPUs"),
         ("torch / torchvision", f"{train.get('torch_version') or versions.get('torch', 'n/a')} / "
                                 f"{train.get('torchvision_version') or versions.get('torchvision', 'n/a')}"),
