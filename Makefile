@@ -150,7 +150,7 @@ test: $(SETUP) ## run the test suite (python test_all.py)
 	$(PYTHON) test_all.py
 
 bench: $(FEATURES_MAT) $(SETUP) ## speed ratios against reference implementations, measured in one run
-	$(PYTHON) bench.py --data-root $(DATA) --out-dir $(OUT)
+	$(PYTHON) bench.py --data-root $(DATA) --out-dir $(OUT) --profile
 
 clean: ## remove generated artifacts and figures (keeps .venv and data)
 	rm -rf $(OUT) $(FIGURES)/*.png $(REPORT)

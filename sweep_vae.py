@@ -178,7 +178,7 @@ def sweep(args):
                      "checkpoint": os.path.relpath(path, args.out_dir), "epoch_threads": history["threads"],
                      **{key: history[key] for key in vae.HISTORY_KEYS}})
     strategy = (f"{len(groups)} process(es) at once, z_dims {' / '.join(' '.join(map(str, g)) for g in groups)}; "
-                "each trains its group together (vae_stack: fc1 and fc4 as batched matmuls, one fused Adam), "
+                "each trains its group together (vae_stack: fc1 and fc4 as batched matmuls, one flat buffer under torch's fused Adam kernel), "
                 "with the batches, eps and rounding of lone vae.py runs; each epoch on the faster of 1 and "
                 f"{threads} threads; runs[].seconds is its process's training time")
     summary = {"kind": "sweep_vae", "z_dims": list(args.z_dims), "epochs": config.epochs, "seed": config.seed,

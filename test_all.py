@@ -1754,6 +1754,39 @@ def test_vae_stack_trains_like_autograd_and_adam(vae_data_root, vae_one_thread):
             assert torch.allclose(ours, theirs, rtol=0, atol=1e-4), name
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_vae_stack_adam_in_pieces_equals_torch_adam_after_the_step(fused):
+    """Oracle: the same stack and batches, with torch.optim.Adam over the whole flat
+    buffer after each step. torch's fused kernel per piece gives the very same bits;
+    the plain-ops path (for devices without it) the same formula, to float rounding."""
+    from vae_stack import FlatAdam, StackedVAEs
+
+    x = torch.rand(12 * 16, 784, generator=torch.Generator().manual_seed(1))
+    weights = []
+    for in_pieces in (True, False):
+        torch.manual_seed(0)
+        stack = StackedVAEs([vae.VAE(3), vae.VAE(20)])
+        generators = [torch.Generator().manual_seed(5) for _ in range(2)]
+        if in_pieces:
+            adam = FlatAdam(stack.flat, 1e-3)
+            assert adam.fused, "this torch build has a fused CPU Adam; the pieces should use it"
+            adam.fused = fused
+        else:
+            optimizer = torch.optim.Adam([stack.flat], lr=1e-3, fused=True if fused else None,
+                                         foreach=False if not fused else None)
+        for start in range(0, len(x), 16):
+            stack.step(x[start:start + 16], generators, adam=adam if in_pieces else None)
+            if not in_pieces:
+                optimizer.step()
+        weights.append(stack.flat.detach().clone())
+        stack.release()
+    if fused:
+        assert torch.equal(weights[0], weights[1])
+    else:
+        torch.testing.assert_close(weights[0], weights[1], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(weights[0], torch.zeros_like(weights[0]))
+
+
 def assert_same_run(weights, other_weights, history, other_history, keys):
     """Two trainings that should be the same run: bit-equal where the BLAS kernels round
     alike (on the machines measured, they are), and within 1e-5 relative wherever a CPU's

@@ -7,7 +7,8 @@ CPU's matmul peak, and what made an epoch slow was around them: autograd's
 bookkeeping, torch's scalar-path softplus/log1p in the BCE (about 12 ns per
 pixel), and Adam over ten parameter tensors. Here
 - every model's parameters live in one flat buffer (the modules' parameters are
-  views of it while training), so one fused Adam call updates them all;
+  views of it while training), and torch's fused Adam kernel updates it in three
+  pieces, each as soon as the step is done with it (see FlatAdam);
 - fc1 and fc4 of all models run as batched matrix products (bmm), the small
   z-sized layers one model at a time;
 - the BCE comes from one sigmoid and one vectorized log (see bernoulli_nll), and
@@ -106,12 +107,55 @@ def evaluate(model, images, *, batch_size=1000, likelihood="bernoulli", seed=0):
 
 # ------------------------------------------------------------------- the stack
 
-def make_optimizer(params, lr):
-    """Adam, fused into one kernel where this torch build supports it (CPU or CUDA)."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr, foreach=True)
+class FlatAdam:
+    """torch's Adam (lr, betas 0.9/0.999, eps 1e-8, no weight decay) over the stack's
+    flat buffer, applied a piece at a time.
+
+    Adam updates each element on its own, so the step can update a piece (say fc4's
+    weights) as soon as it has written that piece's gradient and will not read those
+    weights again: the gradient is then read back while it is still in the cache,
+    and a step moves ~10% fewer bytes through a machine whose cache other tenants
+    share. torch's fused kernel (``torch._fused_adam_``, what ``Adam(fused=True)``
+    calls) gives bit for bit the weights ``torch.optim.Adam(fused=True)`` gives over
+    the whole buffer (a test checks it); where this torch build has no fused kernel
+    for the device, the same formula runs as plain tensor ops.
+    """
+
+    def __init__(self, flat, lr, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.grads = flat.data, flat.grad
+        self.exp_avg = torch.zeros_like(self.params)
+        self.exp_avg_sq = torch.zeros_like(self.params)
+        self.steps = torch.zeros((), dtype=torch.float32, device=self.params.device)
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.fused = self._fused_works()
+
+    def _fused_works(self):
+        one = [torch.zeros(1, device=self.params.device) for _ in range(4)]
+        try:
+            torch._fused_adam_(*[[t] for t in one], [], [torch.ones((), device=self.params.device)],
+                               amsgrad=False, lr=self.lr, beta1=self.betas[0], beta2=self.betas[1],
+                               weight_decay=0.0, eps=self.eps, maximize=False)
+            return True
+        except (AttributeError, NotImplementedError, RuntimeError):
+            return False
+
+    def begin_step(self):
+        """Count the step whose pieces ``update`` will now be given."""
+        self.steps += 1
+
+    def update(self, piece):
+        """Adam on the elements ``piece`` (a slice of the flat buffer)."""
+        p, g, m, v = (t[piece] for t in (self.params, self.grads, self.exp_avg, self.exp_avg_sq))
+        beta1, beta2 = self.betas
+        if self.fused:
+            torch._fused_adam_([p], [g], [m], [v], [], [self.steps], amsgrad=False, lr=self.lr,
+                               beta1=beta1, beta2=beta2, weight_decay=0.0, eps=self.eps, maximize=False)
+            return
+        step = self.steps.item()       # torch.optim.Adam's single-tensor formula
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2 ** step)).add_(self.eps)
+        p.addcdiv_(m, denom, value=-self.lr / (1 - beta1 ** step))
 
 
 def relu_backward(grad, output):
@@ -150,6 +194,11 @@ class StackedVAEs:
         for k, z in enumerate(self.z_dims):
             spec += [(f"w2_{k}", (2 * z, H)), (f"b2_{k}", (2 * z,)), (f"w3_{k}", (H, z)), (f"b3_{k}", (H,))]
         total = sum(math.prod(shape) for _, shape in spec)
+        # The pieces FlatAdam updates within a step, in the order the step finishes with them.
+        encoder_end = K * H * P + K * H
+        decoder_end = encoder_end + K * P * H + K * P
+        self.pieces = {"fc4": slice(encoder_end, decoder_end), "small": slice(decoder_end, total),
+                       "fc1": slice(0, encoder_end)}
         self.flat = torch.nn.Parameter(torch.zeros(total, device=self.device))
         self.flat.grad = torch.zeros(total, device=self.device)
         self.p = _carve(self.flat.data, spec)
@@ -182,10 +231,15 @@ class StackedVAEs:
         self._owned = []
 
     @torch.no_grad()
-    def step(self, x, eps_generators, likelihood="bernoulli"):
+    def step(self, x, eps_generators, likelihood="bernoulli", adam=None):
         """Loss of each model on batch ``x`` (B x P), a (K,) tensor; the gradient of
-        their sum goes into ``self.flat.grad`` (every element is overwritten)."""
+        their sum goes into ``self.flat.grad`` (every element is overwritten). With
+        ``adam`` (a FlatAdam over ``self.flat``), the weights take that Adam step too,
+        each piece as soon as the step is done with it."""
         p, g = self.p, self.g
+        update = adam.update if adam is not None else (lambda piece: None)
+        if adam is not None:
+            adam.begin_step()
         K, B = len(self.z_dims), len(x)
         xs = x.expand(K, *x.shape)
         h1 = torch.baddbmm(p["b1"].unsqueeze(1), xs, p["w1"].transpose(1, 2)).relu_()   # K x B x H
@@ -216,6 +270,7 @@ class StackedVAEs:
         torch.bmm(dlogits.transpose(1, 2), h3, out=g["w4"])
         torch.sum(dlogits, 1, out=g["b4"])
         dh3 = relu_backward(torch.bmm(dlogits, p["w4"]), h3)
+        update(self.pieces["fc4"])                     # fc4's weights are not read again
         dh1 = torch.empty_like(h1)
         for k, z in enumerate(self.z_dims):
             mu, std, eps, code = latents[k]
@@ -232,9 +287,11 @@ class StackedVAEs:
             g[f"w2_{k}"].copy_(torch.mm(h1[k].t(), dstats).t())
             torch.sum(dstats, 0, out=g[f"b2_{k}"])
             torch.mm(dstats, p[f"w2_{k}"], out=dh1[k])
+        update(self.pieces["small"])
         dh1 = relu_backward(dh1, h1)
         torch.bmm(dh1.transpose(1, 2), xs, out=g["w1"])
         torch.sum(dh1, 1, out=g["b1"])
+        update(self.pieces["fc1"])
         return nll + kl
 
 
@@ -309,7 +366,7 @@ def train_stack(models, train_x, test_x=None, *, epochs=15, batch_size=64, lr=1e
     labels = labels or [f"z_dim {m.z_dim}" for m in models]
     stack = StackedVAEs(models)
     device = stack.device
-    optimizer = make_optimizer([stack.flat], lr)
+    adam = FlatAdam(stack.flat, lr)
     shuffler = torch.Generator().manual_seed(seed)
     eps_generators = [torch.Generator(device=device).manual_seed(seed + 1) for _ in models]
     train_x = train_x.to(device)
@@ -329,8 +386,7 @@ def train_stack(models, train_x, test_x=None, *, epochs=15, batch_size=64, lr=1e
                        disable=None if progress else True)
             for step in picker.schedule(steps):
                 x = shuffled[step * batch_size:(step + 1) * batch_size]
-                total += stack.step(x, eps_generators, likelihood)
-                optimizer.step()
+                total += stack.step(x, eps_generators, likelihood, adam)
                 if not bar.disable and (step + 1) % 50 == 0:
                     bar.update(50)
             bar.close()
