@@ -442,6 +442,7 @@ def test_mat_contract(features_run, mnist_root, resnet_pth):
         assert mat_text(trmat, "torch_version") == torch.__version__
         assert float(np.squeeze(trmat["elapsed_seconds"])) > 0
         assert int(np.squeeze(trmat["threads"])) == 1          # --threads 1
+        assert int(np.squeeze(trmat["threads_used"])) == 1
         assert int(np.squeeze(trmat["batch_size"])) == 20
         plan = fr.parse_plan(mat_text(trmat, "conv_plan"))
         assert len(plan) == 53 and fr.plan_summary(plan) == mat_text(trmat, "conv_plan_summary")
@@ -499,6 +500,68 @@ def test_determinism_same_plan_same_features(mnist_root, tmp_path):
         arrays.append(sio.loadmat(out / "mnist_test.mat")["features"])
     assert "as in " in proc.stdout
     assert np.array_equal(arrays[0], arrays[1])
+
+
+def test_extraction_features_do_not_depend_on_the_thread_count(resnet_pth, mnist_root):
+    """1 thread, 2 threads, or ThreadPicker's choice per stretch of batches (12
+    batches: it times both counts): the same features, one plan."""
+    from torchvision import datasets
+
+    from thread_picker import ThreadPicker
+
+    images = datasets.MNIST(mnist_root, train=False).data[:48]
+    cpu = torch.device("cpu")
+    initial = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = fr.build_extractor(reference_model(resnet_pth), cpu, batch_size=4)
+        runs = {}
+        for threads in (1, 2, None):
+            picker = ThreadPicker(threads, cpu, probe=2, window=8)
+            runs[threads] = ef.compute_features(model, images, cpu, batch_size=4, picker=picker)
+            assert picker.chosen[-1] in ({threads} if threads else {1, 2})
+            assert torch.get_num_threads() == 2          # restored after the run
+    finally:
+        torch.set_num_threads(initial)
+    largest = runs[1].abs().max()
+    for threads in (2, None):
+        torch.testing.assert_close(runs[threads], runs[1], rtol=0, atol=1e-5 * largest.item())
+
+
+def test_thread_picker_runs_every_step_once_on_the_faster_count(monkeypatch):
+    """A fake clock: each step costs what its thread count costs now. The picker must
+    yield 0..n-1 in order, settle on the cheaper count, and switch when the costs
+    swap halfway (a neighbour arrives): its re-timing must notice."""
+    import thread_picker
+
+    now = [0.0]
+    monkeypatch.setattr(thread_picker.time, "perf_counter", lambda: now[0])
+    initial = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for costs_before, costs_after, expected in (({1: 3.0, 2: 1.0}, {1: 3.0, 2: 1.0}, 2),
+                                                    ({1: 1.0, 2: 3.0}, {1: 1.0, 2: 3.0}, 1),
+                                                    ({1: 3.0, 2: 1.0}, {1: 1.0, 2: 9.0}, 1)):
+            picker = thread_picker.ThreadPicker(None, torch.device("cpu"), probe=4, window=8)
+            seen, counts = [], []
+            for step in picker.schedule(200):
+                costs = costs_before if step < 50 else costs_after
+                now[0] += costs[torch.get_num_threads()]
+                seen.append(step)
+                counts.append(torch.get_num_threads())
+            assert seen == list(range(200))
+            assert picker.chosen == [expected]
+            assert counts[-1] == expected and counts[45] == (2 if costs_before[2] < costs_before[1] else 1)
+            picker.restore()
+            assert torch.get_num_threads() == 2
+        fixed = thread_picker.ThreadPicker(1, torch.device("cpu"))
+        assert set(_counts(fixed.schedule(100))) == {1} and fixed.chosen == [1]
+    finally:
+        torch.set_num_threads(initial)
+
+
+def _counts(schedule):
+    return [torch.get_num_threads() for _ in schedule]
 
 
 def test_bfloat16_within_two_percent_of_float32(resnet_pth, mnist_root):

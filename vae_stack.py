@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from thread_picker import ThreadPicker
+
 # Below this |logit| the continuous-Bernoulli normalizer uses its Taylor series
 # (the closed form is 0/0 at logit 0, i.e. lambda = 0.5).
 CB_TAYLOR_WINDOW = 1e-2
@@ -293,58 +295,6 @@ class StackedVAEs:
         torch.sum(dh1, 1, out=g["b1"])
         update(self.pieces["fc1"])
         return nll + kl
-
-
-class ThreadPicker:
-    """The faster of one CPU thread and all of them, timed on the training steps
-    themselves (PROBE_STEPS with each), then watched: when a window of steps runs
-    DRIFT times slower or faster than the chosen count did, both are timed again.
-
-    Two threads win on a quiet 2-core machine, and lose badly (several times slower)
-    when another process holds a core: each small op ends with the two threads
-    waiting for each other, and other processes come and go within an epoch. The
-    choice changes no number: every kernel of the step rounds the same on any
-    thread count (a test checks it).
-    """
-    PROBE_STEPS, WINDOW, DRIFT = 16, 32, 1.5
-
-    def __init__(self, threads, device):
-        self.initial = torch.get_num_threads()
-        fixed = threads or (self.initial if device.type != "cpu" else None)
-        self.candidates = [fixed] if fixed else sorted({1, self.initial})
-        self.chosen = []    # per epoch: the count that ran most of its steps
-
-    def _timed(self, count, step, n):
-        """Run steps [step, step + n) on ``count`` threads; yields them, returns s/step."""
-        torch.set_num_threads(count)
-        start = time.perf_counter()
-        for index in range(step, step + n):
-            yield index
-        return (time.perf_counter() - start) / n
-
-    def schedule(self, steps):
-        """Yield the epoch's step indices, setting the thread count for each."""
-        used = dict.fromkeys(self.candidates, 0)
-        best, reference, step = self.candidates[0], None, 0   # too short to time: one thread
-        while step < steps:
-            if reference is None and len(self.candidates) > 1 and steps - step >= 4 * self.PROBE_STEPS:
-                timings = {}
-                for count in self.candidates:
-                    timings[count] = yield from self._timed(count, step, self.PROBE_STEPS)
-                    used[count] += self.PROBE_STEPS
-                    step += self.PROBE_STEPS
-                best = min(timings, key=timings.get)
-                reference = timings[best]
-            n = min(self.WINDOW, steps - step)
-            per_step = yield from self._timed(best, step, n)
-            used[best] += n
-            step += n
-            if reference is not None and not reference / self.DRIFT <= per_step <= reference * self.DRIFT:
-                reference = None      # the machine changed: time both again
-        self.chosen.append(max(used, key=used.get))
-
-    def restore(self):
-        torch.set_num_threads(self.initial)
 
 
 def train_stack(models, train_x, test_x=None, *, epochs=15, batch_size=64, lr=1e-3, seed=0,
