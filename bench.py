@@ -58,6 +58,17 @@ def matmul_peak_gflops(dtype=torch.float32, n=4096, repeats=5):
     return best
 
 
+def one_thread_peak_gflops():
+    """The fp32 peak on one thread: against the all-threads peak it says how many
+    cores this run really has (a VM's two vCPUs can land on one physical core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return matmul_peak_gflops(torch.float32, n=2048)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def copy_gbs(megabytes, seconds=0.3):
     """GB/s moved (read + write) by the best of repeated copies of a buffer this size."""
     src = torch.randn(int(megabytes * 1e6 / 4))
@@ -79,7 +90,8 @@ def machine():
         _MACHINE.update(cpu=cpu, isa={f: f in flags for f in ISA_FLAGS}, bf16_units=bool(
             flags & {"avx512_bf16", "amx_bf16"}), threads=torch.get_num_threads(), cpus=os.cpu_count(),
             load=os.getloadavg()[0], fp32_peak=matmul_peak_gflops(torch.float32),
-            bf16_peak=matmul_peak_gflops(torch.bfloat16), copy_16=copy_gbs(16), copy_256=copy_gbs(256))
+            bf16_peak=matmul_peak_gflops(torch.bfloat16), fp32_one_thread=one_thread_peak_gflops(),
+            copy_16=copy_gbs(16), copy_256=copy_gbs(256))
     return _MACHINE
 
 
@@ -89,7 +101,9 @@ def machine_lines():
             "ISA: " + ", ".join(f"{f} {'yes' if ok else 'no'}" for f, ok in m["isa"].items())
             + ("" if m["bf16_units"] else " (no bf16 units: bf16 is emulated, slower than fp32)"),
             f"matmul peak now (best of 5 4096^2 torch.mm): fp32 {m['fp32_peak']:.0f} GFLOP/s, "
-            f"bf16 {m['bf16_peak']:.0f} GFLOP/s ({m['bf16_peak'] / m['fp32_peak']:.2f}x fp32)",
+            f"bf16 {m['bf16_peak']:.0f} GFLOP/s ({m['bf16_peak'] / m['fp32_peak']:.2f}x fp32); fp32 on one thread "
+            f"{m['fp32_one_thread']:.0f} GFLOP/s, so {m['threads']} threads give "
+            f"{m['fp32_peak'] / m['fp32_one_thread']:.2f}x one now",
             f"copy speed now: {m['copy_16']:.0f} GB/s for 16 MB (in the last-level cache), {m['copy_256']:.0f} "
             "GB/s for 256 MB (memory); on a VM whose cache another tenant is thrashing, the first drops "
             "toward the second, and the VAE rows with it",
