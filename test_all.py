@@ -105,11 +105,19 @@ def assert_rejected(proc, before, directories, *fragments):
     return line
 
 
+def sigint_as_in_a_terminal():
+    """For a child process: Ctrl-C's default action, whoever started the tests. A shell
+    without job control (a CI script's `cmd &`, nohup) starts its background jobs with
+    SIGINT ignored, children inherit that, and Python then installs no KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_at(marker, code, args, sig=signal.SIGTERM, timeout=120):
     """Run ``code`` (python -c, argv = args) until it prints ``marker`` on stdout,
     then send ``sig``. Asserts that the marker was reached; returns (exit code, stderr)."""
     proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_in_a_terminal)
     reached, deadline = False, time.time() + timeout
     try:
         for line in proc.stdout:
@@ -213,7 +221,7 @@ def test_make_resumes_after_an_interrupt_without_redoing_completed_stages(tmp_pa
     settings = [a for a in tiny_pipeline_args(data, tmp_path) if not a.startswith("LIMIT=")]
     args = ["make", "--no-print-directory", f"PYTHON={sys.executable}", "all", *settings]
     proc = subprocess.Popen(args, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
     splits_started = 0
     try:
         for line in proc.stdout:
@@ -765,8 +773,7 @@ def test_no_partial_file_when_save_fails(mnist_root, resnet_pth, tmp_path, monke
 # The test split's write hangs, so that a signal lands after mnist_train.mat was
 # completed and while mnist_test.mat is being written (its temp file exists).
 HANG_ON_SECOND_WRITE = """
-import signal, sys, time, scipy.io
-signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal, whoever started the tests
+import sys, time, scipy.io
 real_savemat, calls = scipy.io.savemat, []
 def savemat(f, record, **kw):
     calls.append(f)
