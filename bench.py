@@ -102,7 +102,7 @@ def machine_lines():
             + ("" if m["bf16_units"] else " (no bf16 units: bf16 is emulated, slower than fp32)"),
             f"matmul peak now (best of 5 4096^2 torch.mm): fp32 {m['fp32_peak']:.0f} GFLOP/s, "
             f"bf16 {m['bf16_peak']:.0f} GFLOP/s ({m['bf16_peak'] / m['fp32_peak']:.2f}x fp32); fp32 on one thread "
-            f"{m['fp32_one_thread']:.0f} GFLOP/s, so {m['threads']} threads give "
+            f"(best of 5 2048^2) {m['fp32_one_thread']:.0f} GFLOP/s, so {m['threads']} threads give "
             f"{m['fp32_peak'] / m['fp32_one_thread']:.2f}x one now",
             f"copy speed now: {m['copy_16']:.0f} GB/s for 16 MB (in the last-level cache), {m['copy_256']:.0f} "
             "GB/s for 256 MB (memory); on a VM whose cache another tenant is thrashing, the first drops "
