@@ -9,10 +9,11 @@ WEIGHTS  ?= IMAGENET1K_V1## ResNet-50 weights: IMAGENET1K_V1, IMAGENET1K_V2, non
 LIMIT    ?=## use only the first N images of each split (empty = all)
 DEVICE   ?= auto## auto, cpu, cuda or mps
 DTYPE    ?= float32## features in float32, or bfloat16 (opt-in: faster only with bf16 units)
+THREADS  ?=## CPU threads of extraction and VAE training (empty = torch's default; 1 helps on a busy shared VM)
 REPORT   ?= REPORT.md## where make report writes the one-page results report
 
 VENV      := .venv
-HELP_VARS := PYTHON DATA OUT FIGURES WEIGHTS LIMIT DEVICE DTYPE REPORT BOOTSTRAP
+HELP_VARS := PYTHON DATA OUT FIGURES WEIGHTS LIMIT DEVICE DTYPE THREADS REPORT BOOTSTRAP
 BOOTSTRAP ?= python3## the Python that creates .venv
 # Paths go into rule targets, so they are checked before any rule is read.
 check_path   = $(if $(filter-out 1,$(words $($(1)))),$(error $(1)='$($(1))' must be one path, without spaces))
@@ -21,6 +22,7 @@ REQS      := requirements.txt requirements-dev.txt
 # Scripts depend on the venv only when it is the interpreter in use.
 SETUP     := $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/.installed)
 LIMIT_ARG := $(if $(strip $(LIMIT)),--limit $(strip $(LIMIT)))
+THREADS_ARG := $(if $(strip $(THREADS)),--threads $(strip $(THREADS)))
 
 FEATURES_MAT := $(OUT)/mnist_train.mat $(OUT)/mnist_test.mat
 LOGREG_FIGS  := $(addprefix $(FIGURES)/,logreg_test_accuracy.png roc.png confusion_matrix.png)
@@ -60,18 +62,14 @@ $(OUT)/.%.args: FORCE
 features: $(FEATURES_MAT) ## ResNet-50 avgpool features of MNIST train and test
 
 # One process per split, so that an interrupted run keeps the split it completed
-# and the next `make features` extracts only the other one. The test split runs
-# each conv as the train split's run chose to (the conv_plan in its .mat): both
-# splits come from the same arithmetic, and it does not time the choice again.
+# and the next `make features` extracts only the other one. Neither split needs
+# the other, so `make -j2 features` extracts both at once.
 EXTRACT_FEATURES = $(PYTHON) extract_features.py --data-root $(DATA) --out-dir $(OUT) \
-  --weights $(WEIGHTS) --device $(DEVICE) --dtype $(DTYPE) $(LIMIT_ARG)
-FEATURES_DEPS    := extract_features.py fast_resnet.py labio.py thread_picker.py $(OUT)/.features.args $(SETUP)
+  --weights $(WEIGHTS) --device $(DEVICE) --dtype $(DTYPE) $(LIMIT_ARG) $(THREADS_ARG)
+FEATURES_DEPS    := extract_features.py labio.py $(OUT)/.features.args $(SETUP)
 
-$(OUT)/mnist_train.mat: $(FEATURES_DEPS)
-	$(EXTRACT_FEATURES) --split train
-
-$(OUT)/mnist_test.mat: $(OUT)/mnist_train.mat $(FEATURES_DEPS)
-	$(EXTRACT_FEATURES) --split test --plan-from $(OUT)/mnist_train.mat
+$(OUT)/mnist_train.mat $(OUT)/mnist_test.mat: $(OUT)/mnist_%.mat: $(FEATURES_DEPS)
+	$(EXTRACT_FEATURES) --split $*
 
 logreg: $(OUT)/logreg.npz ## logistic regression + ROC on the features (and its figures)
 
@@ -107,7 +105,7 @@ vae: $(OUT)/vae.pt ## train the VAE, 15 epochs (and its figures)
 .PRECIOUS: $(OUT)/vae.pt
 $(OUT)/vae.pt: vae.py vae_stack.py thread_picker.py labio.py $(OUT)/.vae.args $(SETUP)
 	$(PYTHON) vae.py --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
-	  --device $(DEVICE) $(LIMIT_ARG)
+	  --device $(DEVICE) $(LIMIT_ARG) $(THREADS_ARG)
 
 ZDIMS ?= 2 5 10 20 50## latent sizes that make sweep-vae trains, one VAE each
 HELP_VARS += ZDIMS
@@ -122,7 +120,7 @@ $(OUT)/.sweep-vae.args: STAMP = $(DATA) $(LIMIT) $(DEVICE) $(ZDIMS)
 .PRECIOUS: $(OUT)/sweep_vae.json
 $(OUT)/sweep_vae.json: sweep_vae.py vae.py vae_stack.py thread_picker.py labio.py $(OUT)/.sweep-vae.args $(SETUP)
 	$(PYTHON) sweep_vae.py --z-dims $(ZDIMS) --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
-	  --device $(DEVICE) $(LIMIT_ARG)
+	  --device $(DEVICE) $(LIMIT_ARG) $(THREADS_ARG)
 
 $(SWEEP_VAE_FIGS) &: $(OUT)/sweep_vae.json vae_figures.py
 	$(PYTHON) sweep_vae.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES) --data-root $(DATA)
@@ -165,5 +163,5 @@ check_counts = $(if $(strip $(foreach n,$($(1)),$(shell echo '$(n)' | grep -Ev '
 $(call check_choice,DEVICE,auto cpu cuda mps)
 $(call check_choice,DTYPE,float32 bfloat16)
 $(call check_choice,SWEEP_MODE,reference default)
-$(foreach v,LIMIT SWEEP_BATCH SWEEP_EPOCHS ZDIMS,$(call check_counts,$(v)))
+$(foreach v,LIMIT THREADS SWEEP_BATCH SWEEP_EPOCHS ZDIMS,$(call check_counts,$(v)))
 $(foreach v,SWEEP_BATCH SWEEP_LR SWEEP_EPOCHS ZDIMS,$(if $(strip $($(v))),,$(error $(v) is empty; give it at least one value)))

@@ -8,14 +8,12 @@ float32) and ``labels`` (1 x m, values 0-9), loadable unchanged by
 
 Preprocessing is the assignment's, Grayscale(3) -> ToTensor -> Normalize(0.5, 0.5)
 at 28x28, but applied to whole batches of tensors instead of one PIL image at a
-time. The network is fast_resnet's rebuild of ResNet-50: batch-norm folded,
-channels-last, each conv run as the exact formulation that is fastest on this
-machine (timed when it is built; the per-conv plan is printed, recorded in the
-.mat, and ``--plan-from`` reuses it).
+time. The network is the assignment's, ``nn.Sequential(*list(model.children())[:-1])``
+in eval mode, with channels-last activations; nothing in it depends on timing,
+so the same input gives the same features on every run.
 
     python extract_features.py --data-root data --out-dir artifacts
     python extract_features.py --weights none --limit 1000     # random init, no download
-    python extract_features.py --weights none --explain        # list the per-conv choice
 """
 import hashlib
 import http.client
@@ -27,15 +25,15 @@ import urllib.error
 import numpy as np
 import scipy.io as sio
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import ResNet50_Weights, resnet50
 from tqdm import tqdm
 
-from fast_resnet import (PlanError, build_extractor, count_flops, cpu_model_and_flags, explain, format_plan,
-                         has_bf16_units, parse_plan, plan_summary)
-from labio import (ArgumentParser, UserError, add_common_args, atomic_path, check_can_create, load_mnist,
-                   plan_outputs, positive_int, resolve_device, run_main, versions)
-from thread_picker import ThreadPicker
+from labio import (ArgumentParser, UserError, add_common_args, atomic_path, check_can_create,
+                   cpu_model_and_flags, load_mnist, plan_outputs, positive_int, resolve_device, run_main,
+                   versions)
 
 FEATURE_DIM = 2048
 PREPROCESSING = "Grayscale(3) -> ToTensor -> Normalize(mean=0.5, std=0.5)"
@@ -148,58 +146,74 @@ def load_resnet50(spec, seed):
     return model, f"file:{os.path.abspath(spec)} sha256:{sha256_of(spec)}", "file"
 
 
+def build_extractor(model, device, dtype=torch.float32):
+    """The assignment's extractor: ResNet-50 minus its fc layer, in eval mode, on
+    ``device`` in ``dtype`` (``model``'s modules are converted in place).
+    Channels-last suits the CPU's oneDNN convolutions and GPUs' tensor cores."""
+    extractor = nn.Sequential(*list(model.children())[:-1]).eval()
+    return extractor.to(device, dtype, memory_format=torch.channels_last)
+
+
+def count_flops(extractor, image_size=28):
+    """FLOPs of one image through ``extractor`` (multiply and add counted apart),
+    as torch's FlopCounterMode counts them: convolutions and matmuls."""
+    param = next(extractor.parameters())
+    x = torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        extractor(x)
+    return counter.get_total_flops()
+
+
+def has_bf16_units(device):
+    """True/False where we can tell whether ``device`` computes bf16 natively, else None."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return None
+    _, flags = cpu_model_and_flags()
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})    # "bf16": arm64's BF16 extension
+
+
 # ------------------------------------------------------------------ extract
 
-def compute_features(model, images, device, batch_size=256, image_size=28, progress=None, picker=None):
+def compute_features(model, images, device, batch_size=256, image_size=28, progress=None):
     """Features (float32 N x 2048) of uint8 images N x 28 x 28, in batches, in the
-    model's dtype (a bfloat16 extractor gets bfloat16 inputs). With ``picker`` (a
-    ThreadPicker), each batch runs on the thread count it picks; without, on
-    torch's current count."""
-    dtype = getattr(model, "dtype", torch.float32)
+    model's dtype (a bfloat16 extractor gets bfloat16 inputs)."""
+    dtype = next(model.parameters()).dtype
     out = torch.empty(len(images), FEATURE_DIM, dtype=torch.float32)
-    starts = range(0, len(images), batch_size)
-    order = picker.schedule(len(starts)) if picker is not None else range(len(starts))
-    try:
-        with torch.inference_mode():
-            for index in order:
-                batch = images[starts[index]:starts[index] + batch_size]
-                x = preprocess(batch.to(device), image_size).to(dtype, memory_format=torch.channels_last)
-                out[starts[index]:starts[index] + len(batch)] = model(x).float().cpu()
-                if progress is not None:
-                    progress.update(len(batch))
-    finally:
-        if picker is not None:
-            picker.restore()
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            x = preprocess(batch.to(device), image_size).to(dtype, memory_format=torch.channels_last)
+            out[start:start + len(batch)] = model(x).flatten(1).float().cpu()
+            if progress is not None:
+                progress.update(len(batch))
     return out
 
 
 def extract(dataset, filename, model, device, *, batch_size=256, image_size=28, limit=None,
-            metadata=None, desc=None, threads=None):
+            metadata=None, desc=None):
     """The assignment's ``extract(dataset, filename)``: features of a whole MNIST
-    split saved to ``filename`` (.mat, written atomically). Returns (seconds, n,
-    the thread count that ran most batches). ``threads`` None: each stretch of
-    batches runs on the faster of 1 and torch's count (see ThreadPicker); the
-    features are the same either way."""
+    split saved to ``filename`` (.mat, written atomically). Returns (seconds, n)."""
     images, labels = dataset.data, dataset.targets
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    # Batches of ~0.2-1 s: two each to time a count, then watched eight at a time.
-    picker = ThreadPicker(threads, device, probe=2, window=8)
     start = time.perf_counter()
     with tqdm(total=len(images), unit="img", desc=desc or os.path.basename(filename),
               dynamic_ncols=True) as bar:
-        features = compute_features(model, images, device, batch_size, image_size, bar, picker)
+        features = compute_features(model, images, device, batch_size, image_size, bar)
     seconds = time.perf_counter() - start
     record = {
         "features": features.numpy(),
         "labels": labels.numpy().astype(np.int64).reshape(1, -1),   # 1 x m, as the assignment reads it
         **(metadata or {}),
-        "threads_used": picker.chosen[-1],
         "elapsed_seconds": seconds,
     }
     with atomic_path(filename) as tmp, open(tmp, "wb") as f:
         sio.savemat(f, record, do_compression=False)
-    return seconds, len(images), picker.chosen[-1]
+    return seconds, len(images)
 
 
 # --------------------------------------------------------------------- main
@@ -214,37 +228,15 @@ def parse_args(argv=None):
     add_common_args(p, "limit")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads, fixed (default: each stretch of batches on the faster of 1 and torch's "
-                        "count, timed as it runs: one wins while other work holds a core)")
+                   help="CPU threads (THREADS; default: torch's, one per core); 1 helps on a shared "
+                        "machine whose other cores are busy, and gives the same features")
     add_common_args(p, "device")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="bfloat16 is opt-in: faster only where the hardware has bf16 units")
     p.add_argument("--image-size", type=positive_int, default=28,
                    help="side of the network input; 28 as in the assignment, e.g. 224 resizes on the fly")
     add_common_args(p, "seed", seed={"help": "seed of the random init (--weights none)"})
-    p.add_argument("--plan-from", metavar="MAT", default=None,
-                   help="run each conv as the conv_plan recorded in this earlier .mat says, instead of "
-                        "timing the formulations now (same plan, same numbers); default: time them")
-    p.add_argument("--explain", action="store_true",
-                   help="list every conv: the formulations timed on this machine and the one chosen")
     return p.parse_args(argv)
-
-
-def read_plan(path):
-    """The per-conv choice recorded in an earlier run's .mat."""
-    try:
-        mat = sio.loadmat(path, variable_names=["conv_plan"])
-    except FileNotFoundError:
-        raise UserError(f"--plan-from {path!r}: no such file") from None
-    except Exception as exc:
-        raise UserError(f"--plan-from {path!r}: not a readable .mat file ({type(exc).__name__})") from None
-    if "conv_plan" not in mat:
-        raise UserError(f"--plan-from {path!r}: the file records no conv_plan (not written by "
-                        "extract_features.py?)")
-    try:
-        return parse_plan(np.squeeze(mat["conv_plan"]))
-    except PlanError as exc:
-        raise UserError(f"--plan-from {path!r}: {exc}") from None
 
 
 def warn(message):
@@ -257,7 +249,6 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    plan = read_plan(args.plan_from) if args.plan_from else None
     splits = ("train", "test") if args.split == "both" else (args.split,)
     plan_outputs(os.path.join(args.out_dir, f"mnist_{s}.mat") for s in splits)
     datasets = {s: load_mnist(args.data_root, train=(s == "train")) for s in splits}
@@ -267,44 +258,26 @@ def main(argv=None):
     if dtype == torch.bfloat16 and has_bf16_units(device) is False:
         warn(f"this {device.type.upper()} has no bf16 units (avx512_bf16, amx_bf16): --dtype bfloat16 "
              "will be slower than float32 here")
-    n_max = max(min(len(d), args.limit or len(d)) for d in datasets.values())
-    start = time.perf_counter()
-    try:        # the probe batch is one batch of this run
-        extractor = build_extractor(model, device, args.image_size, min(args.batch_size, n_max), dtype, plan)
-    except PlanError as exc:
-        raise UserError(f"--plan-from {args.plan_from!r}: {exc}") from None
-    build_seconds = time.perf_counter() - start
+    extractor = build_extractor(model, device, dtype)
     if kind == "random-init":
         print("WARNING: ResNet-50 has RANDOM-INIT weights (WEIGHTS=none): these are not "
               "ImageNet features, and nothing computed from them is the assignment's result.")
     flops = count_flops(extractor, args.image_size)
-    how = f"as in {args.plan_from}" if plan else f"chosen by timing on this machine in {build_seconds:.1f} s"
-    summary = plan_summary(extractor.plan)
     v = versions()
     metadata = {"weights": provenance, "weights_kind": kind, "pretrained": int(kind == "imagenet"),
                 "preprocessing": PREPROCESSING, "image_size": args.image_size, "dtype": args.dtype,
-                "device": str(device), "cpu": cpu_model_and_flags()[0], "threads": torch.get_num_threads(),  # allowed
+                "device": str(device), "cpu": cpu_model_and_flags()[0], "threads": torch.get_num_threads(),
                 "batch_size": args.batch_size, "seed": args.seed,
-                "conv_plan": format_plan(extractor.plan), "conv_plan_summary": summary,
                 "torch_version": v["torch"], "torchvision_version": v["torchvision"]}
-    threads_text = (f"{torch.get_num_threads()} threads" if args.threads or device.type != "cpu" or
-                    torch.get_num_threads() == 1 else f"1 or {torch.get_num_threads()} threads (the faster, "
-                    "timed as it runs)")
     print(f"ResNet-50 weights: {provenance}; device {device}, {args.dtype}, {args.image_size}x"
-          f"{args.image_size}, {threads_text}, batch {args.batch_size}, "
-          f"{flops / 1e9:.3f} GFLOP/image nominal "
-          f"({count_flops(extractor, args.image_size, nominal=False) / 1e9:.3f} executed)")
-    print(f"convs as: {summary} ({how}{'' if args.explain else '; --explain lists them'})")
-    if args.explain:
-        print("\n".join(explain(extractor)))
+          f"{args.image_size}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+          f"{flops / 1e9:.3f} GFLOP/image")
     for split in splits:
         path = os.path.join(args.out_dir, f"mnist_{split}.mat")
-        seconds, n, used = extract(datasets[split], path, extractor, device, batch_size=args.batch_size,
-                                   image_size=args.image_size, limit=args.limit, metadata=metadata,
-                                   desc=split, threads=args.threads)
+        seconds, n = extract(datasets[split], path, extractor, device, batch_size=args.batch_size,
+                             image_size=args.image_size, limit=args.limit, metadata=metadata, desc=split)
         print(f"{path}: {n} x {FEATURE_DIM} in {seconds:.1f} s, {n / seconds:.0f} img/s, "
-              f"{flops * n / seconds / 1e9:.1f} GFLOP/s achieved (nominal FLOPs), mostly on "
-              f"{used} thread{'s' if used > 1 else ''}")
+              f"{flops * n / seconds / 1e9:.1f} GFLOP/s")
 
 
 if __name__ == "__main__":

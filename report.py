@@ -126,9 +126,8 @@ def stages_section(a):
         meta = a[f"{split}_mat"]
         if meta:
             seconds = meta.get("elapsed_seconds")
-            used = f", mostly on {meta['threads_used']}" if "threads_used" in meta else ""
             rows.append((f"features, {split}", f"{meta['n']} images, {meta.get('dtype', 'float32')}, "
-                         f"{meta.get('threads', '?')} threads allowed{used}", num(seconds, ".1f"),
+                         f"{meta.get('threads', '?')} threads", num(seconds, ".1f"),
                          f"{meta['n'] / seconds:.0f} img/s" if seconds else "n/a"))
         else:
             rows.append((f"features, {split}", "not run (`make features`)", "", ""))
