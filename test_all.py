@@ -252,7 +252,7 @@ def test_make_resumes_after_an_interrupt_without_redoing_completed_stages(tmp_pa
 @pytest.mark.parametrize("setting", ["DEVICE=gpu", "LIMIT=abc", "LIMIT=0", "LIMIT=-5", "OUT=a b",
                                      "REPORT=", "FIGURES=x y", "DTYPE=float16", "DTYPE=",
                                      "SWEEP_MODE=fast", "SWEEP_EPOCHS=0", "SWEEP_BATCH=16 x",
-                                     "ZDIMS=2 2.5", "ZDIMS=", "SWEEP_LR="])
+                                     "ZDIMS=2 2.5", "ZDIMS=", "SWEEP_LR=", "THREADS=0", "THREADS=two"])
 def test_make_rejects_bad_settings_before_running_anything(setting, tmp_path):
     name, _, value = setting.partition("=")
     before = snapshot(HERE + "/artifacts") if os.path.isdir(HERE + "/artifacts") else {}
@@ -318,7 +318,6 @@ def assert_close_to(features, reference):
 
 # ------------------------------------------------------- features: oracles
 
-import fast_resnet as fr  # noqa: E402
 import labio  # noqa: E402
 
 
@@ -364,57 +363,15 @@ def test_batched_preprocessing_is_bit_equal_to_transforms(mnist_root):
         assert torch.equal(batch[i], transform(ds[i][0]))
 
 
-def forced_plan(choices, kind):
-    """Every conv as ``kind`` where that formulation applies, else as its first option."""
-    return {name: kind if kind in kinds else kinds[0] for name, kinds in choices.items()}
-
-
-@pytest.mark.parametrize("kind", fr.KINDS)
-def test_every_formulation_keeps_outputs(kind, resnet_pth, monkeypatch):
-    """Each way a conv can run (whatever the timing picks on this machine) matches
-    the unmodified network, post-ops (ReLU, residual add) included."""
-    if kind == "aten":          # what runs where oneDNN does not (GPUs, builds without it)
-        monkeypatch.setattr(fr, "onednn_available", lambda device: False)
-    model = reference_model(resnet_pth)
-    auto = fr.build_extractor(copy.deepcopy(model), torch.device("cpu"), batch_size=4)
-    plan = forced_plan(auto.choices, kind)
-    if kind not in plan.values():
-        pytest.skip(f"{kind} does not run on this machine's CPU")
-    ours = fr.build_extractor(copy.deepcopy(model), torch.device("cpu"), batch_size=4, plan=plan)
-    assert ours.plan == plan
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours.modules())
-    x = torch.randn(4, 3, 28, 28)
-    with torch.inference_mode():
-        model.fc = torch.nn.Identity()
-        assert_close_to(ours(x.contiguous(memory_format=torch.channels_last)).numpy(), model(x).numpy())
-
-
-def test_choice_options_follow_the_map_sizes():
-    """gemm only for 1x1 convs; smallmap only where the padded 3x3 kernel mostly reads zeros."""
-    from torchvision.models import resnet50
-
-    ex = fr.build_extractor(resnet50(weights=None), torch.device("cpu"), batch_size=2)
-    assert set(ex.choices) == set(ex.plan) and len(ex.plan) == 53
-    assert "gemm" in ex.choices["layer4.2.conv1"] and "gemm" not in ex.choices["layer1.0.conv2"]
-    assert "smallmap" in ex.choices["layer4.2.conv2"] and "smallmap" not in ex.choices["layer2.1.conv2"]
-    assert all(ex.plan[name] in kinds for name, kinds in ex.choices.items())
-    assert fr.parse_plan(fr.format_plan(ex.plan)) == ex.plan
-    assert sum(int(part.split()[1]) for part in fr.plan_summary(ex.plan).split(", ")) == 53
-
-
 def test_flop_count_matches_known_resnet50_cost():
     from torchvision.models import resnet50
 
     model = resnet50(weights=None).eval()
     # torchvision documents 4.09 GFLOPS (multiply-adds) at 224x224.
-    assert abs(fr.count_flops(model, 224) / 2 / 1e9 - 4.09) < 0.02
+    assert abs(ef.count_flops(model, 224) / 2 / 1e9 - 4.09) < 0.02
     model.fc = torch.nn.Identity()              # the extractor: 0.158 GFLOP at 28x28 (issue #2)
-    assert abs(fr.count_flops(model, 28) / 1e9 - 0.158) < 0.001
-    choices = fr.build_extractor(copy.deepcopy(model), torch.device("cpu"), batch_size=2).choices
-    ours = fr.build_extractor(copy.deepcopy(model), torch.device("cpu"), batch_size=2,
-                              plan=forced_plan(choices, "smallmap"))
-    assert fr.count_flops(ours, 28) == fr.count_flops(model, 28)      # nominal count unchanged
-    assert fr.count_flops(ours, 28, nominal=False) < 0.9 * fr.count_flops(ours, 28)
+    assert abs(ef.count_flops(model, 28) / 1e9 - 0.158) < 0.001
+    assert ef.count_flops(ef.build_extractor(model, torch.device("cpu")), 28) == ef.count_flops(model, 28)
 
 
 # ------------------------------------------------------ features: contract
@@ -450,11 +407,8 @@ def test_mat_contract(features_run, mnist_root, resnet_pth):
         assert mat_text(trmat, "torch_version") == torch.__version__
         assert float(np.squeeze(trmat["elapsed_seconds"])) > 0
         assert int(np.squeeze(trmat["threads"])) == 1          # --threads 1
-        assert int(np.squeeze(trmat["threads_used"])) == 1
         assert int(np.squeeze(trmat["batch_size"])) == 20
-        plan = fr.parse_plan(mat_text(trmat, "conv_plan"))
-        assert len(plan) == 53 and fr.plan_summary(plan) == mat_text(trmat, "conv_plan_summary")
-    assert "img/s" in proc.stdout and "GFLOP/s" in proc.stdout and "convs as: " in proc.stdout
+    assert "img/s" in proc.stdout and "GFLOP/s" in proc.stdout
     assert not [f for f in leftovers(out) if f.endswith(".tmp")]
 
 
@@ -482,94 +436,41 @@ def test_limit_and_split(mnist_root, resnet_pth, tmp_path):
 
 def test_random_init_is_said_loudly(mnist_root, tmp_path):
     proc = run_cli("extract_features.py", "--data-root", mnist_root, "--out-dir", tmp_path,
-                   "--weights", "none", "--split", "test", "--limit", "4", "--explain")
+                   "--weights", "none", "--split", "test", "--limit", "4")
     assert proc.returncode == 0, proc.stderr
     assert "RANDOM-INIT" in proc.stdout
     mat = sio.loadmat(tmp_path / "mnist_test.mat")
     assert mat_text(mat, "weights").startswith("random-init")
     assert mat_text(mat, "weights_kind") == "random-init"
     assert int(np.squeeze(mat["pretrained"])) == 0
-    # --explain: one line per conv, naming the formulation the plan recorded
-    plan = fr.parse_plan(mat_text(mat, "conv_plan"))
-    for name, kind in plan.items():
-        assert any(line.startswith(name + " ") and f"-> {kind}" in line for line in proc.stdout.splitlines())
 
 
-def test_determinism_same_plan_same_features(mnist_root, tmp_path):
-    """Same seed and the same per-conv plan (here the first run's, via --plan-from):
-    the same features, bit for bit."""
+def test_a_second_run_gives_bit_equal_features(mnist_root, tmp_path):
+    """Nothing in the extraction is chosen by timing: two runs, the same features, bit for bit."""
     arrays = []
     for run in ("a", "b"):
-        out = tmp_path / run
-        plan = ["--plan-from", tmp_path / "a" / "mnist_test.mat"] if run == "b" else []
-        proc = run_cli("extract_features.py", "--data-root", mnist_root, "--out-dir", out,
-                       "--weights", "none", "--seed", "3", "--split", "test", "--limit", "12", *plan)
+        proc = run_cli("extract_features.py", "--data-root", mnist_root, "--out-dir", tmp_path / run,
+                       "--weights", "none", "--seed", "3", "--split", "test", "--limit", "12", "--batch-size", "5")
         assert proc.returncode == 0, proc.stderr
-        arrays.append(sio.loadmat(out / "mnist_test.mat")["features"])
-    assert "as in " in proc.stdout
-    assert np.array_equal(arrays[0], arrays[1])
+        arrays.append(torch.from_numpy(sio.loadmat(tmp_path / run / "mnist_test.mat")["features"]))
+    assert torch.equal(arrays[0], arrays[1])
 
 
 def test_extraction_features_do_not_depend_on_the_thread_count(resnet_pth, mnist_root):
-    """1 thread, 2 threads, or ThreadPicker's choice per stretch of batches (12
-    batches: it times both counts): the same features, one plan."""
     from torchvision import datasets
 
-    from thread_picker import ThreadPicker
-
-    images = datasets.MNIST(mnist_root, train=False).data[:48]
+    images = datasets.MNIST(mnist_root, train=False).data[:12]
     cpu = torch.device("cpu")
+    model = ef.build_extractor(reference_model(resnet_pth), cpu)
     initial = torch.get_num_threads()
-    torch.set_num_threads(2)
+    runs = {}
     try:
-        model = fr.build_extractor(reference_model(resnet_pth), cpu, batch_size=4)
-        runs = {}
-        for threads in (1, 2, None):
-            picker = ThreadPicker(threads, cpu, probe=2, window=8)
-            runs[threads] = ef.compute_features(model, images, cpu, batch_size=4, picker=picker)
-            assert picker.chosen[-1] in ({threads} if threads else {1, 2})
-            assert torch.get_num_threads() == 2          # restored after the run
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs[threads] = ef.compute_features(model, images, cpu, batch_size=4)
     finally:
         torch.set_num_threads(initial)
-    largest = runs[1].abs().max()
-    for threads in (2, None):
-        torch.testing.assert_close(runs[threads], runs[1], rtol=0, atol=1e-5 * largest.item())
-
-
-def test_thread_picker_runs_every_step_once_on_the_faster_count(monkeypatch):
-    """A fake clock: each step costs what its thread count costs now. The picker must
-    yield 0..n-1 in order, settle on the cheaper count, and switch when the costs
-    swap halfway (a neighbour arrives): its re-timing must notice."""
-    import thread_picker
-
-    now = [0.0]
-    monkeypatch.setattr(thread_picker.time, "perf_counter", lambda: now[0])
-    initial = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        for costs_before, costs_after, expected in (({1: 3.0, 2: 1.0}, {1: 3.0, 2: 1.0}, 2),
-                                                    ({1: 1.0, 2: 3.0}, {1: 1.0, 2: 3.0}, 1),
-                                                    ({1: 3.0, 2: 1.0}, {1: 1.0, 2: 9.0}, 1)):
-            picker = thread_picker.ThreadPicker(None, torch.device("cpu"), probe=4, window=8)
-            seen, counts = [], []
-            for step in picker.schedule(200):
-                costs = costs_before if step < 50 else costs_after
-                now[0] += costs[torch.get_num_threads()]
-                seen.append(step)
-                counts.append(torch.get_num_threads())
-            assert seen == list(range(200))
-            assert picker.chosen == [expected]
-            assert counts[-1] == expected and counts[45] == (2 if costs_before[2] < costs_before[1] else 1)
-            picker.restore()
-            assert torch.get_num_threads() == 2
-        fixed = thread_picker.ThreadPicker(1, torch.device("cpu"))
-        assert set(_counts(fixed.schedule(100))) == {1} and fixed.chosen == [1]
-    finally:
-        torch.set_num_threads(initial)
-
-
-def _counts(schedule):
-    return [torch.get_num_threads() for _ in schedule]
+    torch.testing.assert_close(runs[2], runs[1], rtol=0, atol=1e-5 * runs[1].abs().max().item())
 
 
 def test_bfloat16_within_two_percent_of_float32(resnet_pth, mnist_root):
@@ -577,9 +478,9 @@ def test_bfloat16_within_two_percent_of_float32(resnet_pth, mnist_root):
 
     images = datasets.MNIST(mnist_root, train=False).data[:16]
     cpu = torch.device("cpu")
-    f32 = ef.compute_features(fr.build_extractor(reference_model(resnet_pth), cpu, batch_size=16), images, cpu)
-    model = fr.build_extractor(reference_model(resnet_pth), cpu, batch_size=16, dtype=torch.bfloat16)
-    assert model.dtype == torch.bfloat16
+    f32 = ef.compute_features(ef.build_extractor(reference_model(resnet_pth), cpu), images, cpu)
+    model = ef.build_extractor(reference_model(resnet_pth), cpu, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     bf16 = ef.compute_features(model, images, cpu)
     assert bf16.dtype == torch.float32
     assert not torch.equal(f32, bf16)           # bf16 really ran
@@ -604,10 +505,8 @@ def test_image_size_resizes_on_the_fly(mnist_root):
     torch.manual_seed(0)
     from torchvision.models import resnet50
 
-    model = fr.build_extractor(resnet50(weights=None), torch.device("cpu"), image_size=56, batch_size=2)
+    model = ef.build_extractor(resnet50(weights=None), torch.device("cpu"))
     assert ef.compute_features(model, images, torch.device("cpu"), image_size=56).shape == (2, 2048)
-    with pytest.raises(ValueError, match="built for"):     # a 56-pixel extractor refuses 28 pixels
-        ef.compute_features(model, images, torch.device("cpu"), image_size=28)
 
 
 # ------------------------------------------------------ features: failures
@@ -697,27 +596,6 @@ def bad_input(case, tmp, mnist_root):
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
         return [*data, "--weights", "none", "--device", "cuda"], {}, ["--device cuda", "no CUDA GPU"]
-    if case == "plan file missing":
-        return [*data, "--weights", "none", "--plan-from", tmp / "nope.mat"], {}, ["--plan-from", "no such file"]
-    if case == "plan file not a .mat":
-        (tmp / "plan.mat").write_text("not a mat file")
-        return [*data, "--weights", "none", "--plan-from", tmp / "plan.mat"], {}, ["not a readable .mat"]
-    if case == "plan file without a plan":
-        return [*data, "--weights", "none", "--plan-from", tmp / "out" / "mnist_train.mat"], {}, \
-            ["records no conv_plan"]
-    if case == "plan with an unknown kind":
-        sio.savemat(tmp / "plan.mat", {"conv_plan": "conv1=turbo"})
-        return [*data, "--weights", "none", "--plan-from", tmp / "plan.mat"], {}, ["'conv1=turbo'", "KIND"]
-    if case == "plan naming other convs":
-        sio.savemat(tmp / "plan.mat", {"conv_plan": "conv1=onednn fc=gemm"})
-        return [*data, "--weights", "none", "--plan-from", tmp / "plan.mat"], {}, ["does not name", "53 convs"]
-    if case == "plan that does not fit":    # a 1x1-conv GEMM for the 7x7 stem conv
-        from torchvision.models import resnet50
-
-        plan = {name: "aten" for name in fr.conv_roles(resnet50())}
-        sio.savemat(tmp / "plan.mat", {"conv_plan": fr.format_plan({**plan, "conv1": "gemm"})})
-        return [*data, "--weights", "none", "--plan-from", tmp / "plan.mat"], {}, \
-            ["conv1=gemm is not possible here"]
     flag, value = case.split(" ", 1)        # "--flag value"
     return [*data, "--weights", "none", flag, value], {}, [flag]
 
@@ -725,9 +603,7 @@ def bad_input(case, tmp, mnist_root):
 BAD_INPUTS = ["unknown weights name", "missing weights file", "corrupt weights file", "weights of another model",
               "weights not a dict", "corrupt hub cache file", "no network for the weights", "hub cache dir under a file",
               "MNIST missing, no network", "MNIST damaged file", "MNIST wrong layout", "out dir is a file",
-              "out dir under a file", "cuda without a GPU", "plan file missing", "plan file not a .mat",
-              "plan file without a plan", "plan with an unknown kind", "plan naming other convs",
-              "plan that does not fit",
+              "out dir under a file", "cuda without a GPU",
               "--limit 0", "--batch-size -3", "--threads 0", "--image-size abc", "--dtype float16", "--seed -1",
               "--device tpu", "--split val"]
 
@@ -827,19 +703,30 @@ def make_commands(*args):
 
 
 def test_make_features_resumes_after_an_interrupted_split(tmp_path):
-    """After an interrupt that completed the train split, `make features` extracts
-    only the test split (with the train run's per-conv plan); a new DTYPE redoes both."""
+    """After an interrupt that completed one split, `make features` extracts only the
+    other one, whichever it is (neither needs the other); a new DTYPE redoes both."""
     out = tmp_path / "out"
     common = ["features", f"OUT={out}", "WEIGHTS=none", "DATA=data"]
     commands = make_commands(*common)           # writes the stamp, "runs" both splits
     assert "--split train" in commands and "--split test" in commands and "--dtype float32" in commands
-    os.utime(out / ".features.args", (1, 1))     # as if written long before the train split
-    (out / "mnist_train.mat").write_bytes(b"complete")
-    commands = make_commands(*common)
-    assert "--split train" not in commands and "--split test" in commands, commands
-    assert f"--plan-from {out}/mnist_train.mat" in commands
+    os.utime(out / ".features.args", (1, 1))     # as if written long before the completed split
+    for done, todo in (("train", "test"), ("test", "train")):
+        (out / f"mnist_{done}.mat").write_bytes(b"complete")
+        (out / f"mnist_{todo}.mat").unlink(missing_ok=True)
+        commands = make_commands(*common)
+        assert f"--split {done}" not in commands and f"--split {todo}" in commands, commands
     commands = make_commands(*common, "DTYPE=bfloat16")
     assert "--split train" in commands and "--dtype bfloat16" in commands
+
+
+def test_make_threads_reaches_every_training_script(tmp_path):
+    """THREADS=N becomes --threads N for the extraction and both VAE scripts; empty, no flag."""
+    common = [f"OUT={tmp_path}/out", "WEIGHTS=none", "DATA=data", "features", "vae", "sweep-vae"]
+    commands = make_commands(*common, "THREADS=1").splitlines()
+    for script in ("extract_features.py --", "vae.py --", "sweep_vae.py --z-dims"):
+        ran = [c for c in commands if c.startswith(script)]
+        assert ran and all(c.endswith(" --threads 1") or " --threads 1 " in c for c in ran), (script, commands)
+    assert "--threads" not in make_commands(*common)
 
 
 @pytest.mark.skipif(not os.environ.get("MNIST_ROOT"), reason="set MNIST_ROOT to the real MNIST root")
