@@ -228,7 +228,7 @@ def parse_args(argv=None):
     add_common_args(p, "limit")
     p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads (THREADS; default: torch's, one per core); 1 helps on a shared "
+                   help="CPU threads (THREADS; default: torch's); 1 helps on a shared "
                         "machine whose other cores are busy, and gives the same features")
     add_common_args(p, "device")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
