@@ -263,14 +263,14 @@ def main(argv=None):
         print("WARNING: ResNet-50 has RANDOM-INIT weights (WEIGHTS=none): these are not "
               "ImageNet features, and nothing computed from them is the assignment's result.")
     flops = count_flops(extractor, args.image_size)
-    v = versions()
+    v, threads = versions(), torch.get_num_threads()
     metadata = {"weights": provenance, "weights_kind": kind, "pretrained": int(kind == "imagenet"),
                 "preprocessing": PREPROCESSING, "image_size": args.image_size, "dtype": args.dtype,
-                "device": str(device), "cpu": cpu_model_and_flags()[0], "threads": torch.get_num_threads(),
+                "device": str(device), "cpu": cpu_model_and_flags()[0], "threads": threads,
                 "batch_size": args.batch_size, "seed": args.seed,
                 "torch_version": v["torch"], "torchvision_version": v["torchvision"]}
     print(f"ResNet-50 weights: {provenance}; device {device}, {args.dtype}, {args.image_size}x"
-          f"{args.image_size}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+          f"{args.image_size}, {threads} thread{'s' if threads > 1 else ''}, batch {args.batch_size}, "
           f"{flops / 1e9:.3f} GFLOP/image")
     for split in splits:
         path = os.path.join(args.out_dir, f"mnist_{split}.mat")
