@@ -11,7 +11,7 @@ DEVICE   ?= auto## auto, cpu, cuda or mps
 DTYPE    ?= float32## features in float32, or bfloat16 (opt-in: faster only with bf16 units)
 REPORT   ?= REPORT.md## where make report writes the one-page results report
 
-VENV      := .venv
+override VENV := .venv# not a setting: distclean removes it
 HELP_VARS := PYTHON DATA OUT FIGURES WEIGHTS LIMIT DEVICE DTYPE REPORT BOOTSTRAP
 BOOTSTRAP ?= python3## the Python that creates .venv
 # Paths go into rule targets, so they are checked before any rule is read.
@@ -152,8 +152,17 @@ test: $(SETUP) ## run the test suite (python test_all.py)
 bench: $(FEATURES_MAT) $(SETUP) ## speed ratios against reference implementations, measured in one run
 	$(PYTHON) bench.py --data-root $(DATA) --out-dir $(OUT) --profile
 
-clean: ## remove generated artifacts and figures (keeps .venv and data)
-	rm -rf $(OUT) $(FIGURES)/*.png $(REPORT)
+# clean removes by name what the pipeline writes (the guards at the end keep OUT, FIGURES
+# and REPORT away from tracked files), and the temp files of a run killed mid-write.
+OUT_FILES := mnist_train.mat mnist_test.mat logreg.npz logreg_metrics.json vae.pt vae_metrics.json \
+             sweep_logreg.json sweep_vae.json
+temps      = $(foreach f,$(1),$(dir $(f)).$(notdir $(f)).*.tmp)# what labio.atomic_path leaves if killed
+ALL_FIGS  := $(LOGREG_FIGS) $(VAE_FIGS) $(SWEEP_VAE_FIGS) $(FIGURES)/sweep_logreg.png
+clean: ## remove generated artifacts, figures and report by name (keeps .venv, data and your files)
+	rm -f $(addprefix $(OUT)/,$(OUT_FILES) .features.args .vae.args .sweep_logreg.args .sweep-vae.args \
+	  sweep_vae/vae_z*.pt sweep_vae/.vae_z*.pt.*.tmp) $(call temps,$(addprefix $(OUT)/,$(OUT_FILES)))
+	rm -f $(ALL_FIGS) $(REPORT) $(call temps,$(ALL_FIGS) $(REPORT))
+	rmdir $(OUT)/sweep_vae $(OUT) 2>/dev/null || true
 
 distclean: clean ## also remove the venv
 	rm -rf $(VENV)
@@ -167,3 +176,16 @@ $(call check_choice,DTYPE,float32 bfloat16)
 $(call check_choice,SWEEP_MODE,reference default)
 $(foreach v,LIMIT SWEEP_BATCH SWEEP_EPOCHS ZDIMS,$(call check_counts,$(v)))
 $(foreach v,SWEEP_BATCH SWEEP_LR SWEEP_EPOCHS ZDIMS,$(if $(strip $($(v))),,$(error $(v) is empty; give it at least one value)))
+
+# Make writes, and cleans, only its own files: OUT and FIGURES must not be the checkout or
+# above it, nor hold tracked files (a .gitkeep placeholder aside), and REPORT must not be tracked.
+CHECKOUT := $(realpath $(dir $(firstword $(MAKEFILE_LIST))))
+real      = $(or $(realpath $(1)),$(abspath $(1)))
+encloses  = $(filter $(call real,$(1)) $(patsubst %/,%,$(call real,$(1)))/%,$(CHECKOUT))
+tracked   = $(shell git -C $(1) ls-files -- $(2) 2>/dev/null | head -1)
+check_dir = $(if $(call encloses,$($(1))),$(error $(1)='$($(1))' is or contains this checkout; give a folder of its own)) \
+            $(if $(call tracked,$($(1)),. ':!.gitkeep'),$(error $(1)='$($(1))' holds files tracked by git \
+              ($(patsubst %/,%,$($(1)))/$(call tracked,$($(1)),. ':!.gitkeep')); give a folder of its own))
+$(foreach v,OUT FIGURES,$(call check_dir,$(v)))
+$(if $(call encloses,$(REPORT)),$(error REPORT='$(REPORT)' is or contains this checkout; give a file path, e.g. REPORT.md))
+$(if $(call tracked,$(dir $(REPORT)),$(notdir $(REPORT))),$(error REPORT='$(REPORT)' is tracked by git (or holds tracked files); give another path, e.g. REPORT.md))

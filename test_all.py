@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -263,6 +264,82 @@ def test_make_rejects_bad_settings_before_running_anything(setting, tmp_path):
     assert len(lines) == 1 and name in lines[0], proc.stderr
     assert leftovers(tmp_path) == [] and proc.stdout == ""
     assert (snapshot(HERE + "/artifacts") if os.path.isdir(HERE + "/artifacts") else {}) == before
+
+
+# ------------------------------------------------------------------ Make: safety
+
+def checkout_copy(tmp_path):
+    """The project's tracked files in a fresh git checkout, tmp_path/repo (skips without git)."""
+    listed = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("needs git and a git checkout of the project")
+    repo = tmp_path / "repo"
+    for name in listed.stdout.split():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(open(os.path.join(HERE, name), "rb").read())
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    return repo
+
+
+def make_in(repo, *args, timeout=600):
+    return subprocess.run(["make", "--no-print-directory", f"PYTHON={sys.executable}", *map(str, args)],
+                          capture_output=True, text=True, cwd=repo, timeout=timeout)
+
+
+@pytest.mark.parametrize("goal", ["clean", "all", "report"])
+@pytest.mark.parametrize("setting", ["OUT=.", "OUT=..", "OUT={repo}", "OUT={repo}/", "OUT=.ci", "FIGURES=.",
+                                     "FIGURES=..", "FIGURES=.ci", "REPORT=README.md", "REPORT=.",
+                                     "REPORT=figures", "REPORT=figures/.gitkeep"])
+def test_make_refuses_paths_that_are_the_checkout_or_tracked(goal, setting, tmp_path):
+    """`make clean OUT=$PWD` once deleted the whole checkout, .git included."""
+    repo = checkout_copy(tmp_path)
+    (repo / "artifacts").mkdir()
+    (repo / "artifacts" / "vae.pt").write_bytes(b"a result")
+    before = snapshot(tmp_path)
+    proc = make_in(repo, goal, setting.format(repo=repo))
+    line = assert_user_error(proc, setting.split("=")[0])
+    assert "checkout" in line or "tracked by git" in line, line
+    assert snapshot(tmp_path) == before and proc.stdout == ""
+
+
+def test_make_clean_removes_only_what_the_pipeline_wrote(tiny_pipeline, tmp_path):
+    """clean removes the outputs of `make all`, the sweeps' and a killed run's temp files,
+    by name: a user's own files, and tracked ones, stay (OUT=figures once deleted .gitkeep)."""
+    top, _ = tiny_pipeline
+    repo = checkout_copy(tmp_path)
+    shutil.copytree(top / "out", repo / "figures", dirs_exist_ok=True)   # OUT=figures
+    shutil.copytree(top / "figures", repo / "figures", dirs_exist_ok=True)
+    shutil.copy(top / "doc" / "REPORT.md", repo / "REPORT.md")
+    (repo / "figures" / "sweep_vae").mkdir()
+    pipeline = ["sweep_logreg.json", "sweep_vae.json", "sweep_vae/vae_z2.pt", ".vae.pt.k2j3.tmp",
+                "sweep_vae/.vae_z5.pt.x1.tmp", ".roc.png.a9.tmp", "sweep_logreg.png", "vae_latent_2d.png"]
+    for name in pipeline:
+        (repo / "figures" / name).write_bytes(b"pipeline")
+    (repo / ".REPORT.md.q7.tmp").write_bytes(b"pipeline")
+    mine = ["figures/my_plot.png", "figures/notes.tmp", "figures/.notes.md.x.tmp", "my.mat"]
+    for name in mine:
+        (repo / name).write_bytes(b"mine")
+    ignored = subprocess.run(["git", "check-ignore", "figures/.roc.png.a9.tmp", ".REPORT.md.q7.tmp"],
+                             cwd=repo, capture_output=True, text=True).stdout.split()
+    assert ignored == ["figures/.roc.png.a9.tmp", ".REPORT.md.q7.tmp"]
+    tracked = {name: (repo / name).read_bytes() for name in subprocess.run(
+        ["git", "ls-files"], cwd=repo, capture_output=True, text=True).stdout.split()}
+    proc = make_in(repo, "clean", "OUT=figures")
+    assert proc.returncode == 0, proc.stderr
+    left = sorted(str(p.relative_to(repo)) for p in repo.rglob("*")
+                  if p.is_file() and p.relative_to(repo).parts[0] != ".git")
+    assert left == sorted(set(tracked) | set(mine)), left
+    assert all((repo / name).read_bytes() == data for name, data in tracked.items())
+    # OUT is removed once nothing is left in it, and kept if something of the user's is
+    for user_file in [False, True]:
+        (repo / "artifacts").mkdir()
+        shutil.copy(top / "out" / "vae.pt", repo / "artifacts")
+        if user_file:
+            (repo / "artifacts" / "keep.txt").write_text("mine")
+        assert make_in(repo, "clean").returncode == 0
+        assert leftovers(repo / "artifacts") == (["keep.txt"] if user_file else [])
+        assert (repo / "artifacts").exists() == user_file
 
 
 # ------------------------------------------------------------------ fixtures
