@@ -26,7 +26,6 @@ FEATURES_MAT := $(OUT)/mnist_train.mat $(OUT)/mnist_test.mat
 LOGREG_FIGS  := $(addprefix $(FIGURES)/,logreg_test_accuracy.png roc.png confusion_matrix.png)
 VAE_FIGS     := $(addprefix $(FIGURES)/,vae_loss.png vae_reconstructions.png vae_samples.png vae_latent.png vae_interpolation.png)
 
-.DELETE_ON_ERROR:
 .DEFAULT_GOAL := help
 .PHONY: help setup all features logreg vae figures report sweep test bench clean distclean FORCE
 
@@ -152,12 +151,19 @@ test: $(SETUP) ## run the test suite (python test_all.py)
 bench: $(FEATURES_MAT) $(SETUP) ## speed ratios against reference implementations, measured in one run
 	$(PYTHON) bench.py --data-root $(DATA) --out-dir $(OUT) --profile
 
-# clean removes by name what the pipeline writes (the guards at the end keep OUT, FIGURES
-# and REPORT away from tracked files), and the temp files of a run killed mid-write.
 OUT_FILES := mnist_train.mat mnist_test.mat logreg.npz logreg_metrics.json vae.pt vae_metrics.json \
              sweep_logreg.json sweep_vae.json
-temps      = $(foreach f,$(1),$(dir $(f)).$(notdir $(f)).*.tmp)# what labio.atomic_path leaves if killed
 ALL_FIGS  := $(LOGREG_FIGS) $(VAE_FIGS) $(SWEEP_VAE_FIGS) $(FIGURES)/sweep_logreg.png
+
+# Make deletes no output, even on an error or Ctrl-C (no .DELETE_ON_ERROR; all are precious):
+# the scripts write each output atomically and, when interrupted, name the ones they completed.
+# Each script writes its target after the files that go with it, and the figures have rules
+# of their own, so the next make redoes only what is missing or older than its inputs.
+.PRECIOUS: $(addprefix $(OUT)/,$(OUT_FILES)) $(ALL_FIGS) $(REPORT)
+
+# clean removes by name what the pipeline writes (the guards at the end keep OUT, FIGURES
+# and REPORT away from tracked files), and the temp files of a run killed mid-write.
+temps      = $(foreach f,$(1),$(dir $(f)).$(notdir $(f)).*.tmp)# what labio.atomic_path leaves if killed
 clean: ## remove generated artifacts, figures and report by name (keeps .venv, data and your files)
 	rm -f $(addprefix $(OUT)/,$(OUT_FILES) .features.args .vae.args .sweep_logreg.args .sweep-vae.args \
 	  sweep_vae/vae_z*.pt sweep_vae/.vae_z*.pt.*.tmp) $(call temps,$(addprefix $(OUT)/,$(OUT_FILES)))

@@ -58,13 +58,22 @@ def interrupt_message():
 def run_main(main):
     """Run ``main()`` as a command: user errors become one line and exit 2.
 
-    SIGTERM is turned into an exception so that ``atomic_path`` can clean up
-    its temporary file on ``kill`` just as it does on Ctrl-C.
+    SIGTERM and SIGHUP are turned into an exception so that ``atomic_path`` can
+    clean up its temporary file on ``kill`` or a closed terminal just as it does
+    on Ctrl-C. Only the first signal counts: make forwards its SIGTERM to the
+    script, and that second one must not break the cleanup.
     """
+    stops = [signal.SIGTERM, signal.SIGHUP]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # not when started with it ignored
+        stops.append(signal.SIGINT)
+
     def _terminate(signum, frame):
+        for sig in stops:
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, _terminate)
+    for sig in stops:
+        signal.signal(sig, _terminate)
     prog = os.path.basename(sys.argv[0])
     try:
         main()

@@ -12,6 +12,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -340,6 +341,120 @@ def test_make_clean_removes_only_what_the_pipeline_wrote(tiny_pipeline, tmp_path
         assert make_in(repo, "clean").returncode == 0
         assert leftovers(repo / "artifacts") == (["keep.txt"] if user_file else [])
         assert (repo / "artifacts").exists() == user_file
+
+
+def pipeline_copy(tiny_pipeline, tmp_path):
+    """A copy of tiny_pipeline's outputs in tmp_path (times kept: up to date); make's settings for it."""
+    top, data = tiny_pipeline
+    for name in ("out", "figures", "doc"):
+        shutil.copytree(top / name, tmp_path / name)
+    return tiny_pipeline_args(data, tmp_path)
+
+
+def interrupt_make_when(ready, *args, sig=signal.SIGINT, timeout=300):
+    """`make ARGS` in a process group of its own; ``sig`` goes to the whole group, as Ctrl-C's
+    does, once ready() holds. Returns (exit status, everything make and the scripts printed)."""
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(["make", "--no-print-directory", f"PYTHON={sys.executable}", *args], cwd=HERE,
+                                stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                preexec_fn=sigint_as_in_a_terminal, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            deadline = time.time() + timeout
+            while proc.poll() is None and not ready() and time.time() < deadline:
+                time.sleep(0.005)
+            assert proc.poll() is None and ready(), "make ended (or stalled) before the moment to interrupt it"
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=timeout)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.seek(0)
+        return proc.returncode, log.read()
+
+
+def assert_interrupt_kept_what_it_said(output, *folders):
+    """One 'interrupted' line, every file it calls completed still there, nothing deleted by
+    make, no traceback or ignored exception, and no temp file."""
+    for bad in ("Deleting file", "Traceback", "Exception ignored"):
+        assert bad not in output, output
+    said = [ln for ln in output.splitlines() if ": interrupted; " in ln]
+    assert len(said) == 1, output
+    completed = said[0].partition("; completed: ")[2].partition(";")[0]
+    for path in filter(None, completed.split(", ")):
+        assert os.path.isfile(os.path.join(HERE, path)), f"{path} was called completed: {said[0]}"
+    assert not [p for folder in folders for p in folder.rglob(".*.tmp")]
+    return said[0]
+
+
+def mtime(path):
+    return os.stat(path).st_mtime_ns if os.path.exists(path) else None
+
+
+# stage: (goal, what to make stale first, when to interrupt, the output that must survive,
+# the training command that must not run again)
+STAGES = {
+    "logreg's figures": ("all", "out/logreg.npz", "out/logreg.npz", "out/logreg.npz", "logreg.py --train-mat"),
+    "vae's figures": ("all", "out/vae.pt", "out/vae.pt", "out/vae.pt", "vae.py --data-root"),
+    "make figures": ("figures", "touch out/vae.pt", "figures/vae_loss.png", "figures/vae_interpolation.png",
+                     "vae.py --data-root"),
+}
+
+
+@pytest.mark.parametrize("stage, sig", [("logreg's figures", signal.SIGINT), ("vae's figures", signal.SIGINT),
+                                        ("make figures", signal.SIGINT), ("vae's figures", signal.SIGTERM),
+                                        ("vae's figures", signal.SIGHUP)])
+def test_make_interrupted_at_each_stage_keeps_what_the_scripts_completed(stage, sig, tiny_pipeline, tmp_path):
+    """Ctrl-C while logreg.py drew roc.png once made make delete the logreg.npz it had just
+    called completed; during `make figures`, every vae_*.png, drawn or not."""
+    goal, stale, moment, kept, training = STAGES[stage]
+    settings = pipeline_copy(tiny_pipeline, tmp_path)
+    if stale.startswith("touch "):
+        os.utime(tmp_path / stale.split()[1])
+    else:
+        os.remove(tmp_path / stale)
+    before = mtime(tmp_path / moment)
+    code, output = interrupt_make_when(lambda: mtime(tmp_path / moment) != before, goal, *settings, sig=sig)
+    assert code != 0
+    assert_interrupt_kept_what_it_said(output, tmp_path)
+    assert (tmp_path / kept).is_file()
+    again = run_make("all", *settings)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert training not in again.stdout and "--plot-only" in again.stdout, again.stdout
+    third = run_make("all", *settings)
+    assert third.returncode == 0 and sys.executable not in third.stdout, third.stdout
+
+
+def test_a_failing_figure_step_keeps_the_figures_it_did_not_draw(tiny_pipeline, tmp_path):
+    """A damaged checkpoint fails the figures' rule: make (.DELETE_ON_ERROR once) deletes none of them."""
+    settings = pipeline_copy(tiny_pipeline, tmp_path)
+    checkpoint = tmp_path / "out" / "vae.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    before = snapshot(tmp_path / "figures")
+    proc = run_make("figures", *settings)
+    assert proc.returncode != 0 and "Deleting" not in proc.stderr, proc.stderr
+    assert snapshot(tmp_path / "figures") == before
+
+
+def test_a_second_sigterm_during_the_cleanup_changes_nothing(tmp_path):
+    """make passes its own SIGTERM on to the running script, so a `kill` of make's process group
+    sends the script two: the second, here during Python's shutdown, once printed
+    'Exception ignored ... KeyboardInterrupt: signal 15'."""
+    code = """if True:
+        import atexit, os, signal, sys, time
+        import labio
+        atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.2)))
+        def main():
+            labio.plan_outputs([sys.argv[1]])
+            with labio.atomic_path(sys.argv[1]) as tmp:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+        labio.run_main(main)"""
+    proc = subprocess.run([sys.executable, "-c", code, tmp_path / "out.txt"], cwd=HERE, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 130
+    assert_user_error(proc, "interrupted; nothing was completed; not written: ")
+    assert leftovers(tmp_path) == []
 
 
 # ------------------------------------------------------------------ fixtures
