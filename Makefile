@@ -48,13 +48,18 @@ $(VENV)/.installed: $(REQS)
 
 all: features logreg vae figures report ## the whole pipeline: features, classifier, VAE, figures, report
 
-# Stamps that change only when a stage's settings change, so that e.g.
-# `make all WEIGHTS=none` after a pretrained run re-extracts, and nothing else does.
-$(OUT)/.features.args: STAMP = $(DATA) $(WEIGHTS) $(LIMIT) $(DEVICE) $(DTYPE)
-$(OUT)/.vae.args: STAMP = $(DATA) $(LIMIT) $(DEVICE)
-$(OUT)/.%.args: FORCE
-	@mkdir -p $(@D)
-	@echo '$(STAMP)' | cmp -s - $@ || echo '$(STAMP)' > $@
+# Settings records, so that e.g. `make all WEIGHTS=none` after a pretrained run re-extracts,
+# and nothing else does. An output built from settings keeps them beside it, in OUT/.NAME.args,
+# written only once its recipe has succeeded; an output whose record differs from the current
+# settings is rebuilt (FORCE). A failed run (WEIGHTS=/typo.pth) thus changes no record, and the
+# next good run redoes only what it must. Paths are recorded absolute: DATA=data/ is DATA=data.
+record   = $(OUT)/.$(notdir $(1)).args
+same     = $(and $(findstring |$(1)|,|$(2)|),$(findstring |$(2)|,|$(1)|))
+stale    = $(if $(call same,$(strip $(file <$(call record,$(1)))),$(strip $(2))),,FORCE)
+save     = @mkdir -p $(OUT) && printf '%s\n' '$(subst ','\'',$(strip $(1)))' > $(call record,$@).tmp && mv -f $(call record,$@).tmp $(call record,$@)
+WEIGHTS_SETTING  := $(if $(findstring /,$(WEIGHTS))$(filter %.pth,$(WEIGHTS)),$(abspath $(WEIGHTS)),$(WEIGHTS))
+FEATURES_SETTINGS = DATA=$(abspath $(DATA)) WEIGHTS=$(WEIGHTS_SETTING) LIMIT=$(LIMIT) DEVICE=$(DEVICE) DTYPE=$(DTYPE)
+VAE_SETTINGS      = DATA=$(abspath $(DATA)) LIMIT=$(LIMIT) DEVICE=$(DEVICE)
 
 features: $(FEATURES_MAT) ## ResNet-50 avgpool features of MNIST train and test
 
@@ -64,13 +69,15 @@ features: $(FEATURES_MAT) ## ResNet-50 avgpool features of MNIST train and test
 # splits come from the same arithmetic, and it does not time the choice again.
 EXTRACT_FEATURES = $(PYTHON) extract_features.py --data-root $(DATA) --out-dir $(OUT) \
   --weights $(WEIGHTS) --device $(DEVICE) --dtype $(DTYPE) $(LIMIT_ARG)
-FEATURES_DEPS    := extract_features.py fast_resnet.py labio.py thread_picker.py $(OUT)/.features.args $(SETUP)
+FEATURES_DEPS    := extract_features.py fast_resnet.py labio.py thread_picker.py $(SETUP)
 
-$(OUT)/mnist_train.mat: $(FEATURES_DEPS)
+$(OUT)/mnist_train.mat: $(FEATURES_DEPS) $(call stale,$(OUT)/mnist_train.mat,$(FEATURES_SETTINGS))
 	$(EXTRACT_FEATURES) --split train
+	$(call save,$(FEATURES_SETTINGS))
 
-$(OUT)/mnist_test.mat: $(OUT)/mnist_train.mat $(FEATURES_DEPS)
+$(OUT)/mnist_test.mat: $(OUT)/mnist_train.mat $(FEATURES_DEPS) $(call stale,$(OUT)/mnist_test.mat,$(FEATURES_SETTINGS))
 	$(EXTRACT_FEATURES) --split test --plan-from $(OUT)/mnist_train.mat
+	$(call save,$(FEATURES_SETTINGS))
 
 logreg: $(OUT)/logreg.npz ## logistic regression + ROC on the features (and its figures)
 
@@ -87,13 +94,15 @@ HELP_VARS    += SWEEP_BATCH SWEEP_LR SWEEP_EPOCHS SWEEP_MODE
 
 sweep-logreg: $(OUT)/sweep_logreg.json $(FIGURES)/sweep_logreg.png ## batch size x learning rate grid of the classifier (SWEEP_* variables)
 
-# The stamp re-runs the sweep when a SWEEP_* variable changes.
-$(OUT)/.sweep_logreg.args: STAMP = $(SWEEP_BATCH) $(SWEEP_LR) $(SWEEP_EPOCHS) $(SWEEP_MODE)
+# Its settings record re-runs the sweep when a SWEEP_* variable changes.
+SWEEP_LOGREG_SETTINGS = SWEEP_BATCH=$(SWEEP_BATCH) SWEEP_LR=$(SWEEP_LR) SWEEP_EPOCHS=$(SWEEP_EPOCHS) SWEEP_MODE=$(SWEEP_MODE)
 
-$(OUT)/sweep_logreg.json: sweep_logreg.py logreg.py roc.py labio.py $(FEATURES_MAT) $(OUT)/.sweep_logreg.args $(SETUP)
+$(OUT)/sweep_logreg.json: sweep_logreg.py logreg.py roc.py labio.py $(FEATURES_MAT) $(SETUP) \
+                          $(call stale,$(OUT)/sweep_logreg.json,$(SWEEP_LOGREG_SETTINGS))
 	$(PYTHON) sweep_logreg.py --train-mat $(OUT)/mnist_train.mat --test-mat $(OUT)/mnist_test.mat \
 	  --out-dir $(OUT) --figures-dir $(FIGURES) --batch-sizes $(SWEEP_BATCH) --lrs $(SWEEP_LR) \
 	  --epochs $(SWEEP_EPOCHS) --mode $(SWEEP_MODE)
+	$(call save,$(SWEEP_LOGREG_SETTINGS))
 
 $(FIGURES)/sweep_logreg.png: $(OUT)/sweep_logreg.json
 	$(PYTHON) sweep_logreg.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES)
@@ -104,9 +113,10 @@ vae: $(OUT)/vae.pt ## train the VAE, 15 epochs (and its figures)
 # a vae.pt is always complete, so an interrupt while the figures are drawn keeps
 # it (.PRECIOUS), and the figures' rule below redoes only them.
 .PRECIOUS: $(OUT)/vae.pt
-$(OUT)/vae.pt: vae.py vae_stack.py thread_picker.py labio.py $(OUT)/.vae.args $(SETUP)
+$(OUT)/vae.pt: vae.py vae_stack.py thread_picker.py labio.py $(SETUP) $(call stale,$(OUT)/vae.pt,$(VAE_SETTINGS))
 	$(PYTHON) vae.py --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
 	  --device $(DEVICE) $(LIMIT_ARG)
+	$(call save,$(VAE_SETTINGS))
 
 ZDIMS ?= 2 5 10 20 50## latent sizes that make sweep-vae trains, one VAE each
 HELP_VARS += ZDIMS
@@ -117,11 +127,13 @@ sweep-vae: $(OUT)/sweep_vae.json $(SWEEP_VAE_FIGS) ## one VAE per z_dim in ZDIMS
 
 # As for vae.pt: the checkpoints (OUT/sweep_vae/vae_z*.pt), then sweep_vae.json
 # (the target), then the figures, which their own rule redoes from those files.
-$(OUT)/.sweep-vae.args: STAMP = $(DATA) $(LIMIT) $(DEVICE) $(ZDIMS)
+SWEEP_VAE_SETTINGS = $(VAE_SETTINGS) ZDIMS=$(ZDIMS)
 .PRECIOUS: $(OUT)/sweep_vae.json
-$(OUT)/sweep_vae.json: sweep_vae.py vae.py vae_stack.py thread_picker.py labio.py $(OUT)/.sweep-vae.args $(SETUP)
+$(OUT)/sweep_vae.json: sweep_vae.py vae.py vae_stack.py thread_picker.py labio.py $(SETUP) \
+                       $(call stale,$(OUT)/sweep_vae.json,$(SWEEP_VAE_SETTINGS))
 	$(PYTHON) sweep_vae.py --z-dims $(ZDIMS) --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
 	  --device $(DEVICE) $(LIMIT_ARG)
+	$(call save,$(SWEEP_VAE_SETTINGS))
 
 $(SWEEP_VAE_FIGS) &: $(OUT)/sweep_vae.json vae_figures.py
 	$(PYTHON) sweep_vae.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES) --data-root $(DATA)
@@ -165,8 +177,8 @@ ALL_FIGS  := $(LOGREG_FIGS) $(VAE_FIGS) $(SWEEP_VAE_FIGS) $(FIGURES)/sweep_logre
 # and REPORT away from tracked files), and the temp files of a run killed mid-write.
 temps      = $(foreach f,$(1),$(dir $(f)).$(notdir $(f)).*.tmp)# what labio.atomic_path leaves if killed
 clean: ## remove generated artifacts, figures and report by name (keeps .venv, data and your files)
-	rm -f $(addprefix $(OUT)/,$(OUT_FILES) .features.args .vae.args .sweep_logreg.args .sweep-vae.args \
-	  sweep_vae/vae_z*.pt sweep_vae/.vae_z*.pt.*.tmp) $(call temps,$(addprefix $(OUT)/,$(OUT_FILES)))
+	rm -f $(addprefix $(OUT)/,$(OUT_FILES) sweep_vae/vae_z*.pt sweep_vae/.vae_z*.pt.*.tmp) \
+	  $(foreach f,$(OUT_FILES),$(call record,$(f))) $(call temps,$(addprefix $(OUT)/,$(OUT_FILES)))
 	rm -f $(ALL_FIGS) $(REPORT) $(call temps,$(ALL_FIGS) $(REPORT))
 	rmdir $(OUT)/sweep_vae $(OUT) 2>/dev/null || true
 

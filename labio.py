@@ -239,9 +239,13 @@ def load_mnist(root, train):
                 raise UserError(f"MNIST files are in {other!r}, but torchvision reads them from "
                                 f"{raw!r}: move them there, or point DATA / --data-root at the "
                                 "folder that holds MNIST/raw")
+    created = [d for d in (root, os.path.join(root, "MNIST"), raw) if not os.path.isdir(d)]
     try:
         return datasets.MNIST(root=root, train=train, download=len(present) < len(names))
     except Exception as exc:  # urllib/HTTP/OSError/RuntimeError, depending on the mirror
+        for folder in reversed(created):   # a failed run leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
         if len(present) == len(names):
             raise UserError(f"cannot read MNIST from {raw!r} ({type(exc).__name__}: {exc}); "
                             "delete its files and run again") from None

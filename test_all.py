@@ -283,9 +283,10 @@ def checkout_copy(tmp_path):
     return repo
 
 
-def make_in(repo, *args, timeout=600):
+def make_in(repo, *args, env=None, timeout=600):
     return subprocess.run(["make", "--no-print-directory", f"PYTHON={sys.executable}", *map(str, args)],
-                          capture_output=True, text=True, cwd=repo, timeout=timeout)
+                          capture_output=True, text=True, cwd=repo, timeout=timeout,
+                          env={**os.environ, **(env or {})})
 
 
 @pytest.mark.parametrize("goal", ["clean", "all", "report"])
@@ -455,6 +456,51 @@ def test_a_second_sigterm_during_the_cleanup_changes_nothing(tmp_path):
     assert proc.returncode == 130
     assert_user_error(proc, "interrupted; nothing was completed; not written: ")
     assert leftovers(tmp_path) == []
+
+
+def assert_make_failed_in_one_line(proc):
+    """The script's one line, then make's own '*** ... Error' line; no traceback."""
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("make: ***")]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("bad", ["WEIGHTS=/nonexistent.pth", "DEVICE=cuda", "DATA={tmp}/nodata"])
+def test_a_failed_run_changes_no_settings_record_and_creates_nothing(bad, tiny_pipeline, tmp_path):
+    """`make all WEIGHTS=/nonexistent.pth` once rewrote the settings stamp, so the next good
+    `make all` redid everything; DATA=/nonexistent created /nonexistent/MNIST/raw."""
+    if bad == "DEVICE=cuda" and torch.cuda.is_available():
+        pytest.skip("DEVICE=cuda works on this machine")
+    settings = pipeline_copy(tiny_pipeline, tmp_path)
+    before = snapshot(tmp_path)
+    proc = make_in(HERE, "all", *settings, bad.format(tmp=tmp_path), env=OFFLINE_ENV)
+    assert_make_failed_in_one_line(proc)
+    assert snapshot(tmp_path) == before
+    again = run_make("all", *settings)
+    assert again.returncode == 0 and sys.executable not in again.stdout, again.stdout
+
+
+def test_a_failed_sweep_keeps_the_record_of_the_last_good_one(tiny_pipeline, tmp_path):
+    settings = pipeline_copy(tiny_pipeline, tmp_path)
+    grid = ["SWEEP_BATCH=16", "SWEEP_LR=1e-2", "SWEEP_EPOCHS=1"]
+    first = run_make("sweep-logreg", *settings, *grid)
+    assert first.returncode == 0, first.stderr
+    before = snapshot(tmp_path)
+    proc = run_make("sweep-logreg", *settings, "SWEEP_BATCH=16", "SWEEP_LR=abc", "SWEEP_EPOCHS=1")
+    assert "abc" in assert_make_failed_in_one_line(proc)
+    assert snapshot(tmp_path) == before
+    again = run_make("sweep-logreg", *settings, *grid)
+    assert again.returncode == 0 and sys.executable not in again.stdout, again.stdout
+
+
+def test_the_same_data_path_written_differently_is_the_same_setting(tiny_pipeline, tmp_path):
+    """DATA=../shared/data/, with a trailing slash, once rebuilt everything."""
+    settings = pipeline_copy(tiny_pipeline, tmp_path)
+    data = next(a for a in settings if a.startswith("DATA=")).partition("=")[2]
+    for same in (data + "/", os.path.relpath(data, HERE), "./" + os.path.relpath(data, HERE) + "/"):
+        proc = run_make("all", *settings, f"DATA={same}")
+        assert proc.returncode == 0 and sys.executable not in proc.stdout, proc.stdout
 
 
 # ------------------------------------------------------------------ fixtures
@@ -1023,9 +1069,8 @@ def test_make_features_resumes_after_an_interrupted_split(tmp_path):
     only the test split (with the train run's per-conv plan); a new DTYPE redoes both."""
     out = tmp_path / "out"
     common = ["features", f"OUT={out}", "WEIGHTS=none", "DATA=data"]
-    commands = make_commands(*common)           # writes the stamp, "runs" both splits
+    commands = make_commands(*common)           # "runs" both splits, and records their settings
     assert "--split train" in commands and "--split test" in commands and "--dtype float32" in commands
-    os.utime(out / ".features.args", (1, 1))     # as if written long before the train split
     (out / "mnist_train.mat").write_bytes(b"complete")
     commands = make_commands(*common)
     assert "--split train" not in commands and "--split test" in commands, commands
@@ -1787,13 +1832,14 @@ def test_sweep_logreg_interrupt_leaves_every_output_complete_or_absent(sweep_res
 
 def test_sweep_logreg_make_target_reruns_only_when_a_variable_changes(sweep_result, tmp_path):
     """`make sweep-logreg` on up-to-date features: runs once, then does nothing, then runs again
-    when SWEEP_EPOCHS changes (the .sweep_logreg.args stamp)."""
+    when SWEEP_EPOCHS changes (the sweep_logreg.json settings record)."""
     out = tmp_path / "out"
     out.mkdir()
     for split in ("train", "test"):
         (out / f"mnist_{split}.mat").write_bytes(sweep_result[split].read_bytes())
-    (out / ".features.args").write_text("data IMAGENET1K_V1  auto float32\n")   # the defaults' stamp
-    os.utime(out / ".features.args", (time.time() - 60, time.time() - 60))   # older than the features
+        # the settings record of features made with the defaults
+        (out / f".mnist_{split}.mat.args").write_text(
+            f"DATA={os.path.realpath(HERE)}/data WEIGHTS=IMAGENET1K_V1 LIMIT= DEVICE=auto DTYPE=float32\n")
     make = ["make", "-s", "sweep-logreg", f"PYTHON={sys.executable}", f"OUT={out}", f"FIGURES={tmp_path / 'figs'}",
             "SWEEP_BATCH=7 32", "SWEEP_LR=0.001 0.05"]
 
