@@ -458,6 +458,17 @@ def test_a_second_sigterm_during_the_cleanup_changes_nothing(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_a_killed_run_leaves_temp_files_that_clean_removes(tiny_pipeline, tmp_path):
+    """SIGKILL gives a script no chance to remove its temp file: `make clean` does."""
+    settings = pipeline_copy(tiny_pipeline, tmp_path / "run")
+    os.utime(tmp_path / "run" / "out" / "vae.pt")
+    temps = lambda: list((tmp_path / "run").rglob(".*.tmp"))  # noqa: E731
+    interrupt_make_when(temps, "figures", *settings, sig=signal.SIGKILL)
+    assert temps()
+    repo = checkout_copy(tmp_path)
+    assert make_in(repo, "clean", *settings).returncode == 0
+    assert not temps() and not (tmp_path / "run" / "out").exists()
+
 def assert_make_failed_in_one_line(proc):
     """The script's one line, then make's own '*** ... Error' line; no traceback."""
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
