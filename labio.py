@@ -141,13 +141,17 @@ def atomic_path(path):
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)       # mkstemp makes 0600; give the usual mode
+    done = os.path.abspath(path)
     try:
         yield tmp
         os.replace(tmp, path)
-        _WRITTEN.append(os.path.abspath(path))
+        _WRITTEN.append(done)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        if os.path.exists(tmp):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        elif done not in _WRITTEN:   # interrupted just after the rename: the file is complete
+            _WRITTEN.append(done)
         raise
 
 

@@ -469,6 +469,26 @@ def test_a_killed_run_leaves_temp_files_that_clean_removes(tiny_pipeline, tmp_pa
     assert make_in(repo, "clean", *settings).returncode == 0
     assert not temps() and not (tmp_path / "run" / "out").exists()
 
+def test_an_interrupt_just_after_a_rename_still_counts_the_file_as_completed(tmp_path, monkeypatch):
+    """Ctrl-C landing between the rename of a finished file and its record once made the
+    script say 'not written' of a file it had just completed."""
+    real_replace, path = os.replace, str(tmp_path / "a.json")
+
+    def replace_then_ctrl_c(src, dst):
+        real_replace(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        monkeypatch.setattr(os, "replace", replace_then_ctrl_c)
+        labio.plan_outputs([path])
+        with pytest.raises(KeyboardInterrupt):
+            labio.write_json(path, {"done": True})
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert json.loads(open(path).read()) == {"done": True}
+    assert labio.interrupt_message().startswith(f"interrupted; completed: {os.path.relpath(path)};")
+
 def assert_make_failed_in_one_line(proc):
     """The script's one line, then make's own '*** ... Error' line; no traceback."""
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
