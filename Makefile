@@ -12,7 +12,7 @@ DTYPE    ?= float32## features in float32, or bfloat16 (opt-in: faster only with
 THREADS  ?=## CPU threads of extraction and VAE training (empty = torch's default; 1 helps on a busy shared VM)
 REPORT   ?= REPORT.md## where make report writes the one-page results report
 
-VENV      := .venv
+override VENV := .venv# not a setting: distclean removes it
 HELP_VARS := PYTHON DATA OUT FIGURES WEIGHTS LIMIT DEVICE DTYPE THREADS REPORT BOOTSTRAP
 BOOTSTRAP ?= python3## the Python that creates .venv
 # Paths go into rule targets, so they are checked before any rule is read.
@@ -28,7 +28,6 @@ FEATURES_MAT := $(OUT)/mnist_train.mat $(OUT)/mnist_test.mat
 LOGREG_FIGS  := $(addprefix $(FIGURES)/,logreg_test_accuracy.png roc.png confusion_matrix.png)
 VAE_FIGS     := $(addprefix $(FIGURES)/,vae_loss.png vae_reconstructions.png vae_samples.png vae_latent.png vae_interpolation.png)
 
-.DELETE_ON_ERROR:
 .DEFAULT_GOAL := help
 .PHONY: help setup all features logreg vae figures report sweep test bench clean distclean FORCE
 
@@ -51,13 +50,18 @@ $(VENV)/.installed: $(REQS)
 
 all: features logreg vae figures report ## the whole pipeline: features, classifier, VAE, figures, report
 
-# Stamps that change only when a stage's settings change, so that e.g.
-# `make all WEIGHTS=none` after a pretrained run re-extracts, and nothing else does.
-$(OUT)/.features.args: STAMP = $(DATA) $(WEIGHTS) $(LIMIT) $(DEVICE) $(DTYPE)
-$(OUT)/.vae.args: STAMP = $(DATA) $(LIMIT) $(DEVICE)
-$(OUT)/.%.args: FORCE
-	@mkdir -p $(@D)
-	@echo '$(STAMP)' | cmp -s - $@ || echo '$(STAMP)' > $@
+# Settings records, so that e.g. `make all WEIGHTS=none` after a pretrained run re-extracts,
+# and nothing else does. An output built from settings keeps them beside it, in OUT/.NAME.args,
+# written only once its recipe has succeeded; an output whose record differs from the current
+# settings is rebuilt (FORCE). A failed run (WEIGHTS=/typo.pth) thus changes no record, and the
+# next good run redoes only what it must. Paths are recorded absolute: DATA=data/ is DATA=data.
+record   = $(OUT)/.$(notdir $(1)).args
+same     = $(and $(findstring |$(1)|,|$(2)|),$(findstring |$(2)|,|$(1)|))
+stale    = $(if $(call same,$(strip $(file <$(call record,$(1)))),$(strip $(2))),,FORCE)
+save     = @mkdir -p $(OUT) && printf '%s\n' '$(subst ','\'',$(strip $(1)))' > $(call record,$@).tmp && mv -f $(call record,$@).tmp $(call record,$@)
+WEIGHTS_SETTING  := $(if $(findstring /,$(WEIGHTS))$(filter %.pth,$(WEIGHTS)),$(abspath $(WEIGHTS)),$(WEIGHTS))
+FEATURES_SETTINGS = DATA=$(abspath $(DATA)) WEIGHTS=$(WEIGHTS_SETTING) LIMIT=$(LIMIT) DEVICE=$(DEVICE) DTYPE=$(DTYPE)
+VAE_SETTINGS      = DATA=$(abspath $(DATA)) LIMIT=$(LIMIT) DEVICE=$(DEVICE)
 
 features: $(FEATURES_MAT) ## ResNet-50 avgpool features of MNIST train and test
 
@@ -66,10 +70,15 @@ features: $(FEATURES_MAT) ## ResNet-50 avgpool features of MNIST train and test
 # the other, so `make -j2 features` extracts both at once.
 EXTRACT_FEATURES = $(PYTHON) extract_features.py --data-root $(DATA) --out-dir $(OUT) \
   --weights $(WEIGHTS) --device $(DEVICE) --dtype $(DTYPE) $(LIMIT_ARG) $(THREADS_ARG)
-FEATURES_DEPS    := extract_features.py labio.py $(OUT)/.features.args $(SETUP)
+FEATURES_DEPS    := extract_features.py labio.py $(SETUP)
 
-$(OUT)/mnist_train.mat $(OUT)/mnist_test.mat: $(OUT)/mnist_%.mat: $(FEATURES_DEPS)
-	$(EXTRACT_FEATURES) --split $*
+$(OUT)/mnist_train.mat: $(FEATURES_DEPS) $(call stale,$(OUT)/mnist_train.mat,$(FEATURES_SETTINGS))
+	$(EXTRACT_FEATURES) --split train
+	$(call save,$(FEATURES_SETTINGS))
+
+$(OUT)/mnist_test.mat: $(FEATURES_DEPS) $(call stale,$(OUT)/mnist_test.mat,$(FEATURES_SETTINGS))
+	$(EXTRACT_FEATURES) --split test
+	$(call save,$(FEATURES_SETTINGS))
 
 logreg: $(OUT)/logreg.npz ## logistic regression + ROC on the features (and its figures)
 
@@ -86,13 +95,15 @@ HELP_VARS    += SWEEP_BATCH SWEEP_LR SWEEP_EPOCHS SWEEP_MODE
 
 sweep-logreg: $(OUT)/sweep_logreg.json $(FIGURES)/sweep_logreg.png ## batch size x learning rate grid of the classifier (SWEEP_* variables)
 
-# The stamp re-runs the sweep when a SWEEP_* variable changes.
-$(OUT)/.sweep_logreg.args: STAMP = $(SWEEP_BATCH) $(SWEEP_LR) $(SWEEP_EPOCHS) $(SWEEP_MODE)
+# Its settings record re-runs the sweep when a SWEEP_* variable changes.
+SWEEP_LOGREG_SETTINGS = SWEEP_BATCH=$(SWEEP_BATCH) SWEEP_LR=$(SWEEP_LR) SWEEP_EPOCHS=$(SWEEP_EPOCHS) SWEEP_MODE=$(SWEEP_MODE)
 
-$(OUT)/sweep_logreg.json: sweep_logreg.py logreg.py roc.py labio.py $(FEATURES_MAT) $(OUT)/.sweep_logreg.args $(SETUP)
+$(OUT)/sweep_logreg.json: sweep_logreg.py logreg.py roc.py labio.py $(FEATURES_MAT) $(SETUP) \
+                          $(call stale,$(OUT)/sweep_logreg.json,$(SWEEP_LOGREG_SETTINGS))
 	$(PYTHON) sweep_logreg.py --train-mat $(OUT)/mnist_train.mat --test-mat $(OUT)/mnist_test.mat \
 	  --out-dir $(OUT) --figures-dir $(FIGURES) --batch-sizes $(SWEEP_BATCH) --lrs $(SWEEP_LR) \
 	  --epochs $(SWEEP_EPOCHS) --mode $(SWEEP_MODE)
+	$(call save,$(SWEEP_LOGREG_SETTINGS))
 
 $(FIGURES)/sweep_logreg.png: $(OUT)/sweep_logreg.json
 	$(PYTHON) sweep_logreg.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES)
@@ -103,9 +114,10 @@ vae: $(OUT)/vae.pt ## train the VAE, 15 epochs (and its figures)
 # a vae.pt is always complete, so an interrupt while the figures are drawn keeps
 # it (.PRECIOUS), and the figures' rule below redoes only them.
 .PRECIOUS: $(OUT)/vae.pt
-$(OUT)/vae.pt: vae.py vae_stack.py thread_picker.py labio.py $(OUT)/.vae.args $(SETUP)
+$(OUT)/vae.pt: vae.py vae_stack.py labio.py $(SETUP) $(call stale,$(OUT)/vae.pt,$(VAE_SETTINGS))
 	$(PYTHON) vae.py --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
 	  --device $(DEVICE) $(LIMIT_ARG) $(THREADS_ARG)
+	$(call save,$(VAE_SETTINGS))
 
 ZDIMS ?= 2 5 10 20 50## latent sizes that make sweep-vae trains, one VAE each
 HELP_VARS += ZDIMS
@@ -116,11 +128,13 @@ sweep-vae: $(OUT)/sweep_vae.json $(SWEEP_VAE_FIGS) ## one VAE per z_dim in ZDIMS
 
 # As for vae.pt: the checkpoints (OUT/sweep_vae/vae_z*.pt), then sweep_vae.json
 # (the target), then the figures, which their own rule redoes from those files.
-$(OUT)/.sweep-vae.args: STAMP = $(DATA) $(LIMIT) $(DEVICE) $(ZDIMS)
+SWEEP_VAE_SETTINGS = $(VAE_SETTINGS) ZDIMS=$(ZDIMS)
 .PRECIOUS: $(OUT)/sweep_vae.json
-$(OUT)/sweep_vae.json: sweep_vae.py vae.py vae_stack.py thread_picker.py labio.py $(OUT)/.sweep-vae.args $(SETUP)
+$(OUT)/sweep_vae.json: sweep_vae.py vae.py vae_stack.py labio.py $(SETUP) \
+                       $(call stale,$(OUT)/sweep_vae.json,$(SWEEP_VAE_SETTINGS))
 	$(PYTHON) sweep_vae.py --z-dims $(ZDIMS) --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
 	  --device $(DEVICE) $(LIMIT_ARG) $(THREADS_ARG)
+	$(call save,$(SWEEP_VAE_SETTINGS))
 
 $(SWEEP_VAE_FIGS) &: $(OUT)/sweep_vae.json vae_figures.py
 	$(PYTHON) sweep_vae.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES) --data-root $(DATA)
@@ -150,8 +164,24 @@ test: $(SETUP) ## run the test suite (python test_all.py)
 bench: $(FEATURES_MAT) $(SETUP) ## speed ratios against reference implementations, measured in one run
 	$(PYTHON) bench.py --data-root $(DATA) --out-dir $(OUT) --profile
 
-clean: ## remove generated artifacts and figures (keeps .venv and data)
-	rm -rf $(OUT) $(FIGURES)/*.png $(REPORT)
+OUT_FILES := mnist_train.mat mnist_test.mat logreg.npz logreg_metrics.json vae.pt vae_metrics.json \
+             sweep_logreg.json sweep_vae.json
+ALL_FIGS  := $(LOGREG_FIGS) $(VAE_FIGS) $(SWEEP_VAE_FIGS) $(FIGURES)/sweep_logreg.png
+
+# Make deletes no output, even on an error or Ctrl-C (no .DELETE_ON_ERROR; all are precious):
+# the scripts write each output atomically and, when interrupted, name the ones they completed.
+# Each script writes its target after the files that go with it, and the figures have rules
+# of their own, so the next make redoes only what is missing or older than its inputs.
+.PRECIOUS: $(addprefix $(OUT)/,$(OUT_FILES)) $(ALL_FIGS) $(REPORT)
+
+# clean removes by name what the pipeline writes (the guards at the end keep OUT, FIGURES
+# and REPORT away from tracked files), and the temp files of a run killed mid-write.
+temps      = $(foreach f,$(1),$(dir $(f)).$(notdir $(f)).*.tmp)# what labio.atomic_path leaves if killed
+clean: ## remove generated artifacts, figures and report by name (keeps .venv, data and your files)
+	rm -f $(addprefix $(OUT)/,$(OUT_FILES) sweep_vae/vae_z*.pt sweep_vae/.vae_z*.pt.*.tmp) \
+	  $(foreach f,$(OUT_FILES),$(call record,$(f))) $(call temps,$(addprefix $(OUT)/,$(OUT_FILES)))
+	rm -f $(ALL_FIGS) $(REPORT) $(call temps,$(ALL_FIGS) $(REPORT))
+	rmdir $(OUT)/sweep_vae $(OUT) 2>/dev/null || true
 
 distclean: clean ## also remove the venv
 	rm -rf $(VENV)
@@ -165,3 +195,16 @@ $(call check_choice,DTYPE,float32 bfloat16)
 $(call check_choice,SWEEP_MODE,reference default)
 $(foreach v,LIMIT THREADS SWEEP_BATCH SWEEP_EPOCHS ZDIMS,$(call check_counts,$(v)))
 $(foreach v,SWEEP_BATCH SWEEP_LR SWEEP_EPOCHS ZDIMS,$(if $(strip $($(v))),,$(error $(v) is empty; give it at least one value)))
+
+# Make writes, and cleans, only its own files: OUT and FIGURES must not be the checkout or
+# above it, nor hold tracked files (a .gitkeep placeholder aside), and REPORT must not be tracked.
+CHECKOUT := $(realpath $(dir $(firstword $(MAKEFILE_LIST))))
+real      = $(or $(realpath $(1)),$(abspath $(1)))
+encloses  = $(filter $(call real,$(1)) $(patsubst %/,%,$(call real,$(1)))/%,$(CHECKOUT))
+tracked   = $(shell git -C $(1) ls-files -- $(2) 2>/dev/null | head -1)
+check_dir = $(if $(call encloses,$($(1))),$(error $(1)='$($(1))' is or contains this checkout; give a folder of its own)) \
+            $(if $(call tracked,$($(1)),. ':!.gitkeep'),$(error $(1)='$($(1))' holds files tracked by git \
+              ($(patsubst %/,%,$($(1)))/$(call tracked,$($(1)),. ':!.gitkeep')); give a folder of its own))
+$(foreach v,OUT FIGURES,$(call check_dir,$(v)))
+$(if $(call encloses,$(REPORT)),$(error REPORT='$(REPORT)' is or contains this checkout; give a file path, e.g. REPORT.md))
+$(if $(call tracked,$(dir $(REPORT)),$(notdir $(REPORT))),$(error REPORT='$(REPORT)' is tracked by git (or holds tracked files); give another path, e.g. REPORT.md))

@@ -58,13 +58,22 @@ def interrupt_message():
 def run_main(main):
     """Run ``main()`` as a command: user errors become one line and exit 2.
 
-    SIGTERM is turned into an exception so that ``atomic_path`` can clean up
-    its temporary file on ``kill`` just as it does on Ctrl-C.
+    SIGTERM and SIGHUP are turned into an exception so that ``atomic_path`` can
+    clean up its temporary file on ``kill`` or a closed terminal just as it does
+    on Ctrl-C. Only the first signal counts: make forwards its SIGTERM to the
+    script, and that second one must not break the cleanup.
     """
+    stops = [signal.SIGTERM, signal.SIGHUP]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # not when started with it ignored
+        stops.append(signal.SIGINT)
+
     def _terminate(signum, frame):
+        for sig in stops:
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, _terminate)
+    for sig in stops:
+        signal.signal(sig, _terminate)
     prog = os.path.basename(sys.argv[0])
     try:
         main()
@@ -132,13 +141,17 @@ def atomic_path(path):
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)       # mkstemp makes 0600; give the usual mode
+    done = os.path.abspath(path)
     try:
         yield tmp
         os.replace(tmp, path)
-        _WRITTEN.append(os.path.abspath(path))
+        _WRITTEN.append(done)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+        if os.path.exists(tmp):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        elif done not in _WRITTEN:   # interrupted just after the rename: the file is complete
+            _WRITTEN.append(done)
         raise
 
 
@@ -230,9 +243,13 @@ def load_mnist(root, train):
                 raise UserError(f"MNIST files are in {other!r}, but torchvision reads them from "
                                 f"{raw!r}: move them there, or point DATA / --data-root at the "
                                 "folder that holds MNIST/raw")
+    created = [d for d in (root, os.path.join(root, "MNIST"), raw) if not os.path.isdir(d)]
     try:
         return datasets.MNIST(root=root, train=train, download=len(present) < len(names))
     except Exception as exc:  # urllib/HTTP/OSError/RuntimeError, depending on the mirror
+        for folder in reversed(created):   # a failed run leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
         if len(present) == len(names):
             raise UserError(f"cannot read MNIST from {raw!r} ({type(exc).__name__}: {exc}); "
                             "delete its files and run again") from None
