@@ -6,7 +6,9 @@ classifier starts fast.
 """
 import argparse
 import contextlib
+import errno
 import json
+import math
 import os
 import platform
 import signal
@@ -44,24 +46,37 @@ def plan_outputs(paths):
     _WRITTEN.clear()
 
 
-def interrupt_message():
-    """'interrupted; ...' saying which outputs were completed and which were not written."""
+def outputs_message():
+    """Which planned outputs this run completed and which it did not write."""
     done = list(_WRITTEN)
     missing = [p for p in _PLANNED if p not in _WRITTEN]
     rel = lambda paths: ", ".join(os.path.relpath(p) for p in paths)  # noqa: E731
     parts = [f"completed: {rel(done)}" if done else "nothing was completed"]
     if missing:
         parts.append(f"not written: {rel(missing)}")
-    return "interrupted; " + "; ".join(parts) + "; no partial file was left behind"
+    return "; ".join(parts) + "; no partial file was left behind"
+
+
+def interrupt_message():
+    """'interrupted; ...' saying which outputs were completed and which were not written."""
+    return "interrupted; " + outputs_message()
+
+
+def _is_out_of_memory(exc):
+    # torch reports a failed CPU allocation as a RuntimeError, a CUDA one as its OutOfMemoryError.
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def run_main(main):
-    """Run ``main()`` as a command: user errors become one line and exit 2.
+    """Run ``main()`` as a command: a user error, a closed output pipe or a lack of
+    memory becomes one line on stderr, never a traceback.
 
-    SIGTERM and SIGHUP are turned into an exception so that ``atomic_path`` can
-    clean up its temporary file on ``kill`` or a closed terminal just as it does
-    on Ctrl-C. Only the first signal counts: make forwards its SIGTERM to the
-    script, and that second one must not break the cleanup.
+    Once some outputs exist, the line also says which were completed, so that it
+    matches what is left on disk. SIGTERM and SIGHUP are turned into an exception
+    so that ``atomic_path`` can clean up its temporary file on ``kill`` or a closed
+    terminal just as it does on Ctrl-C. Only the first signal counts: make
+    forwards its SIGTERM to the script, and that second one must not break the cleanup.
     """
     stops = [signal.SIGTERM, signal.SIGHUP]
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # not when started with it ignored
@@ -75,14 +90,28 @@ def run_main(main):
     for sig in stops:
         signal.signal(sig, _terminate)
     prog = os.path.basename(sys.argv[0])
+    outputs = lambda: f" ({outputs_message()})" if _WRITTEN else ""  # noqa: E731
     try:
         main()
     except UserError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}{outputs()}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: {interrupt_message()}", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader of stdout went away (`make all | head`). Point stdout at
+        # /dev/null so that Python's final flush does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"{prog}: stopped: the program reading its output closed the pipe; "
+              f"{outputs_message()}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        print(f"{prog}: error: not enough memory for the requested sizes (batch, --z-dim, --limit); "
+              f"ask for smaller ones{outputs()}", file=sys.stderr)
+        sys.exit(2)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -107,6 +136,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def ensure_writable_dir(path):
     """Create ``path`` if needed and check that we can write into it."""
+    check_can_create(path)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
@@ -116,8 +146,15 @@ def ensure_writable_dir(path):
 
 
 def check_can_create(path):
-    """Fail early if directory ``path`` could not be created or written, without creating it."""
-    probe = os.path.abspath(path)
+    """Fail early if directory ``path`` could not be created or written, without creating it.
+
+    Symlinks are followed as the later writes will follow them, so a link to a
+    missing folder, or a path that runs through a file, fails here, before any work.
+    """
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(f"output directory {path!r} is a symlink to {os.readlink(path)!r}, "
+                        "which does not exist; create it or give another directory")
+    probe = os.path.realpath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
@@ -126,13 +163,23 @@ def check_can_create(path):
         raise UserError(f"output directory {path!r} is not writable")
 
 
+def check_can_write_file(path):
+    """Fail early if file ``path`` could not be written (a directory, or no writable folder)."""
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise UserError(f"cannot write {path!r}: it is a directory; give a file path")
+    check_can_create(os.path.dirname(os.path.abspath(path)))
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; rename it over ``path`` on success.
 
     On any exception (Ctrl-C and SIGTERM included) the temporary file is
-    removed, so ``path`` is either the old file or the complete new one.
+    removed, so ``path`` is either the old file or the complete new one. A
+    write that the system refuses (a full disk, a read-only folder) becomes a
+    UserError naming the file.
     """
+    check_can_write_file(path)
     directory = os.path.dirname(os.path.abspath(path))
     ensure_writable_dir(directory)
     base = os.path.basename(path)
@@ -146,13 +193,22 @@ def atomic_path(path):
         yield tmp
         os.replace(tmp, path)
         _WRITTEN.append(done)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             with contextlib.suppress(OSError):
                 os.remove(tmp)
         elif done not in _WRITTEN:   # interrupted just after the rename: the file is complete
             _WRITTEN.append(done)
+        if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
+            raise UserError(write_failure(path, exc)) from None
         raise
+
+
+def write_failure(path, exc):
+    """One line for an OSError raised while writing ``path``."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"cannot write {path!r}: no space left on the device; free some space and run again"
+    return f"cannot write {path!r}: {exc.strerror or exc}"
 
 
 def write_json(path, obj):
@@ -174,7 +230,12 @@ def read_json(path, make_target):
 
 
 def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
+    """matplotlib.pyplot on the Agg backend, imported on first use.
+
+    Every figure goes to a file, so no window backend is needed: MPLBACKEND is
+    ignored here, and a value that matplotlib would reject cannot stop a run.
+    """
+    os.environ.pop("MPLBACKEND", None)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -200,63 +261,107 @@ MNIST_FILES = {"train-images-idx3-ubyte": 2051, "train-labels-idx1-ubyte": 2049,
                "t10k-images-idx3-ubyte": 2051, "t10k-labels-idx1-ubyte": 2049}
 
 
-def check_idx_file(path):
-    """None if ``path`` is a complete MNIST IDX file, else what is wrong with it."""
-    magic = MNIST_FILES[os.path.basename(path)]
-    dims = 3 if magic == 2051 else 1
-    size = os.path.getsize(path)
+def idx_header(path):
+    """(magic, shape) of an IDX file, or None if it is too short to hold its header."""
+    dims = 3 if MNIST_FILES[os.path.basename(path)] == 2051 else 1
     with open(path, "rb") as f:
         header = f.read(4 + 4 * dims)
     if len(header) < 4 + 4 * dims:
-        return f"{size} bytes, too short for an IDX header"
+        return None
     values = [int.from_bytes(header[i:i + 4], "big") for i in range(0, len(header), 4)]
-    if values[0] != magic:
-        return f"magic number {values[0]}, expected {magic}"
-    body = 1
-    for n in values[1:]:
-        body *= n
-    if size != len(header) + body:
-        return f"{size} bytes, expected {len(header) + body} for shape {tuple(values[1:])} (truncated?)"
+    return values[0], tuple(values[1:])
+
+
+def check_idx_file(path):
+    """None if ``path`` is a complete MNIST IDX file (its magic, 28 x 28 images), else what is wrong with it."""
+    magic = MNIST_FILES[os.path.basename(path)]
+    size = os.path.getsize(path)
+    header = idx_header(path)
+    if header is None:
+        return f"{size} bytes, too short for an IDX header"
+    found, shape = header
+    if found != magic:
+        return f"magic number {found}, expected {magic}"
+    if len(shape) == 3 and shape[1:] != (28, 28):
+        return f"images of {shape[1]}x{shape[2]} pixels, expected 28x28"
+    expected = 4 + 4 * len(shape) + math.prod(shape)
+    if size != expected:
+        return f"{size} bytes, expected {expected} for shape {shape} (truncated?)"
     return None
+
+
+def _made_dirs(path):
+    """The folders that os.makedirs(path) would create, outermost first."""
+    made = []
+    while path and not os.path.exists(path):
+        made.insert(0, path)
+        path = os.path.dirname(path)
+    return made
+
+
+def _gunzip_if_only_gz(path):
+    """Decompress PATH.gz beside it when only the .gz is there (as downloaded), so
+    that an offline copy of the .gz files works; a folder that can't be written is left as it is."""
+    if os.path.exists(path) or not os.path.isfile(path + ".gz"):
+        return
+    import gzip
+    import shutil
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with gzip.open(path + ".gz") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, path)
+    except (OSError, EOFError):
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 def load_mnist(root, train):
     """torchvision's MNIST split, read from ROOT/MNIST/raw or downloaded there.
 
-    A failure names its cause in one line: a damaged file (which one, and to
-    delete it), files in the wrong folder, or no network for the download.
+    torchvision needs all four files, even to read one split, so all four are
+    checked. A failure names its cause and the file in one line: a damaged file,
+    images and labels that disagree, files in the wrong folder, or no network for
+    the download of the missing ones. A failed download leaves no new folder.
     """
     from torchvision import datasets
 
     raw = os.path.join(root, "MNIST", "raw")
-    prefix = "train" if train else "t10k"
-    names = [n for n in MNIST_FILES if n.startswith(prefix)]
-    present = [n for n in names if os.path.isfile(os.path.join(raw, n))]
+    for name in MNIST_FILES:
+        _gunzip_if_only_gz(os.path.join(raw, name))
+    present = [n for n in MNIST_FILES if os.path.isfile(os.path.join(raw, n))]
     for name in present:
         problem = check_idx_file(os.path.join(raw, name))
         if problem:
             raise UserError(f"MNIST file {os.path.join(raw, name)!r} is damaged ({problem}); "
-                            "delete it and run again (it is downloaded anew when online)")
-    if len(present) < len(names):
+                            "replace it with an intact copy (or delete it to download it anew)")
+    for prefix in ("train", "t10k"):
+        images, labels = (os.path.join(raw, f"{prefix}-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
+        if os.path.basename(images) in present and os.path.basename(labels) in present:
+            n_images, n_labels = idx_header(images)[1][0], idx_header(labels)[1][0]
+            if n_images != n_labels:
+                raise UserError(f"MNIST files disagree: {images!r} holds {n_images} images but "
+                                f"{labels!r} holds {n_labels} labels; replace the wrong one")
+    missing = [n for n in MNIST_FILES if n not in present]
+    if missing and not present:
         for other in (root, os.path.join(root, "raw"), os.path.join(root, "MNIST")):
-            if any(os.path.isfile(os.path.join(other, n)) for n in names):
+            if any(os.path.isfile(os.path.join(other, n)) for n in MNIST_FILES):
                 raise UserError(f"MNIST files are in {other!r}, but torchvision reads them from "
                                 f"{raw!r}: move them there, or point DATA / --data-root at the "
                                 "folder that holds MNIST/raw")
-    created = [d for d in (root, os.path.join(root, "MNIST"), raw) if not os.path.isdir(d)]
+    made = _made_dirs(os.path.abspath(raw))
     try:
-        return datasets.MNIST(root=root, train=train, download=len(present) < len(names))
+        return datasets.MNIST(root=root, train=train, download=bool(missing))
     except Exception as exc:  # urllib/HTTP/OSError/RuntimeError, depending on the mirror
-        for folder in reversed(created):   # a failed run leaves no empty folders behind
+        for folder in reversed(made):           # a failed run leaves no new folder behind
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
-        if len(present) == len(names):
-            raise UserError(f"cannot read MNIST from {raw!r} ({type(exc).__name__}: {exc}); "
-                            "delete its files and run again") from None
+        if not missing:
+            raise UserError(f"cannot read MNIST from {raw!r} ({type(exc).__name__}: {exc})") from None
         raise UserError(
-            f"MNIST is not under {raw!r} and could not be downloaded ({type(exc).__name__}: no "
-            f"network?). Offline: copy the four uncompressed files ({', '.join(MNIST_FILES)}) "
-            "into DATA/MNIST/raw/ and pass DATA=... / --data-root") from None
+            f"MNIST file(s) {', '.join(missing)} not in {raw!r} and could not be downloaded "
+            f"({type(exc).__name__}: no network?). Offline: copy the uncompressed files "
+            "(or their .gz) into DATA/MNIST/raw/ and pass DATA=... / --data-root") from None
 
 
 def resolve_device(name):
