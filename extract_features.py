@@ -32,7 +32,7 @@ from torchvision.models import ResNet50_Weights, resnet50
 from tqdm import tqdm
 
 from labio import (ArgumentParser, UserError, add_common_args, atomic_path, check_can_create,
-                   cpu_model_and_flags, load_mnist, plan_outputs, positive_int, resolve_device, run_main,
+                   cpu_model_and_flags, first_non_finite, load_mnist, plan_outputs, positive_int, resolve_device, run_main,
                    versions)
 
 FEATURE_DIM = 2048
@@ -124,6 +124,15 @@ def load_weights_file(model, path):
     model.load_state_dict(state, strict=False)
 
 
+def check_finite(model, spec):
+    """``model``, once every weight of it is known to be finite."""
+    bad = first_non_finite(model.state_dict())
+    if bad is not None:
+        raise UserError(f"weights {spec!r}: {bad!r} holds NaN or infinite values; the file is "
+                        "damaged, replace it (or use WEIGHTS=none)")
+    return model
+
+
 def load_resnet50(spec, seed):
     """ResNet-50 with the requested weights; returns (model, provenance, kind).
 
@@ -133,7 +142,9 @@ def load_resnet50(spec, seed):
     sha256: nothing says it holds ImageNet weights).
     """
     if spec in NAMED_WEIGHTS:
-        return load_named_weights(spec), spec, "imagenet"
+        return check_finite(load_named_weights(spec), spec), spec, "imagenet"
+    if os.path.isdir(spec):
+        raise UserError(f"--weights {spec!r} is a directory, not a ResNet-50 state_dict .pth")
     if spec.lower() != "none" and not os.path.isfile(spec):
         what = "no such file" if os.sep in spec or spec.endswith(".pth") else "unknown weights name"
         raise UserError(f"--weights {spec!r}: {what} (expected {', '.join(NAMED_WEIGHTS)}, "
@@ -143,6 +154,7 @@ def load_resnet50(spec, seed):
     if spec.lower() == "none":
         return model, "random-init (WEIGHTS=none)", "random-init"
     load_weights_file(model, spec)
+    check_finite(model, spec)
     return model, f"file:{os.path.abspath(spec)} sha256:{sha256_of(spec)}", "file"
 
 
@@ -205,6 +217,10 @@ def extract(dataset, filename, model, device, *, batch_size=256, image_size=28, 
               dynamic_ncols=True) as bar:
         features = compute_features(model, images, device, batch_size, image_size, bar)
     seconds = time.perf_counter() - start
+    bad_rows = (~torch.isfinite(features).all(dim=1)).sum().item()
+    if bad_rows:
+        raise UserError(f"{bad_rows} of {len(features)} feature rows are NaN or infinite; "
+                        f"{filename!r} was not written")
     record = {
         "features": features.numpy(),
         "labels": labels.numpy().astype(np.int64).reshape(1, -1),   # 1 x m, as the assignment reads it

@@ -166,7 +166,7 @@ def check_can_create(path):
 def check_can_write_file(path):
     """Fail early if file ``path`` could not be written (a directory, or no writable folder)."""
     if os.path.isdir(path) or path.endswith(os.sep):
-        raise UserError(f"cannot write {path!r}: it is a directory; give a file path")
+        raise UserError(f"cannot write {path!r}: it names a directory; give a file path")
     check_can_create(os.path.dirname(os.path.abspath(path)))
 
 
@@ -362,6 +362,18 @@ def load_mnist(root, train):
             f"MNIST file(s) {', '.join(missing)} not in {raw!r} and could not be downloaded "
             f"({type(exc).__name__}: no network?). Offline: copy the uncompressed files "
             "(or their .gz) into DATA/MNIST/raw/ and pass DATA=... / --data-root") from None
+
+
+def first_non_finite(state_dict):
+    """The name of the first floating tensor of ``state_dict`` holding a NaN or an
+    infinity, or None. Loaded weights are checked so that a damaged file stops the
+    run instead of turning every number after it into a quiet NaN or zero."""
+    import torch
+
+    for name, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            return name
+    return None
 
 
 def resolve_device(name):

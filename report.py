@@ -11,7 +11,8 @@ with the command that runs it.
 import datetime
 import os
 
-from labio import ISA_FLAGS, ArgumentParser, UserError, atomic_path, cpu_model_and_flags, read_json, run_main
+from labio import (ISA_FLAGS, ArgumentParser, UserError, atomic_path, check_can_write_file, cpu_model_and_flags,
+                   read_json, run_main)
 
 # The assignment's published numbers, shown beside ours for comparison.
 ASSIGNMENT_ACCURACY = 0.9705          # logistic regression on pretrained ResNet-50 features
@@ -274,6 +275,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    check_can_write_file(args.report)
     if not os.path.isdir(args.out_dir):
         raise UserError(f"no results folder {args.out_dir!r}; run `make all` first")
     text = render(collect(args.out_dir), args.figures_dir, args.report)

@@ -74,7 +74,8 @@ def run_cli(script, *args, env=None, timeout=300):
 def assert_user_error(proc, *fragments):
     """A user mistake: non-zero exit, one line on stderr, no traceback."""
     assert proc.returncode != 0, proc.stdout + proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    # tqdm's progress bars share stderr (each ends in "<rate>/s]"); the message is the rest.
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.rstrip().endswith("/s]")]
     assert "Traceback" not in proc.stderr, proc.stderr
     assert len(lines) == 1, proc.stderr
     for fragment in fragments:
@@ -208,6 +209,15 @@ def test_report_numbers_equal_the_saved_results(tiny_pipeline):
     pngs = sorted(p.name for p in (top / "figures").glob("*.png"))
     assert sorted(os.path.basename(p) for p in links) == pngs and pngs
     assert all((top / "doc" / p).is_file() for p in links)
+
+
+@pytest.mark.parametrize("report", ["dir", "dir/", "new/"])
+def test_report_path_that_names_a_directory_is_one_line(report, tmp_path):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "out").mkdir()
+    before = snapshot(tmp_path)
+    proc = run_cli("report.py", "--out-dir", tmp_path / "out", "--report", f"{tmp_path}/{report}")
+    assert_rejected(proc, before, [tmp_path], "names a directory")
 
 
 def test_make_all_twice_does_no_work(tiny_pipeline):
@@ -825,6 +835,21 @@ def bad_input(case, tmp, mnist_root):
     if case == "weights of another model":
         torch.save(resnet18(weights=None).state_dict(), tmp / "w.pth")
         return [*data, "--weights", tmp / "w.pth"], {}, ["does not fit ResNet-50"]
+    if case in ("weights with a NaN", "weights that overflow"):
+        from torchvision.models import resnet50
+        state = resnet50(weights=None).state_dict()
+        if case == "weights with a NaN":
+            state["conv1.weight"][0, 0, 0, 0] = float("nan")
+            fragments = ["'conv1.weight'", "NaN", "damaged"]
+        else:
+            for name in ("conv1.weight", "layer1.0.conv1.weight", "layer2.0.conv1.weight"):
+                state[name] *= 1e30            # finite weights, but the activations overflow float32
+            fragments = ["feature rows are NaN or infinite", "was not written"]
+        torch.save(state, tmp / "w.pth")
+        return [*data, "--weights", tmp / "w.pth", "--limit", "2"], {}, fragments
+    if case == "weights path is a directory":
+        (tmp / "w.pth").mkdir()
+        return [*data, "--weights", tmp / "w.pth"], {}, ["is a directory"]
     if case == "weights not a dict":
         torch.save(torch.zeros(3), tmp / "w.pth")
         return [*data, "--weights", tmp / "w.pth"], {}, ["not a state_dict"]
@@ -870,6 +895,7 @@ def bad_input(case, tmp, mnist_root):
 
 
 BAD_INPUTS = ["unknown weights name", "missing weights file", "corrupt weights file", "weights of another model",
+              "weights with a NaN", "weights that overflow", "weights path is a directory",
               "weights not a dict", "corrupt hub cache file", "no network for the weights", "hub cache dir under a file",
               "MNIST missing, no network", "MNIST damaged file", "MNIST wrong layout", "out dir is a file",
               "out dir under a file", "cuda without a GPU",
@@ -2695,7 +2721,7 @@ def test_io_full_disk_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch)
 
 def test_io_output_that_is_a_directory_or_dangling_link_fails_before_work(tmp_path):
     (tmp_path / "d").mkdir()
-    with pytest.raises(_labio.UserError, match="is a directory"):
+    with pytest.raises(_labio.UserError, match="names a directory"):
         _labio.write_json(str(tmp_path / "d"), {})
     os.symlink(tmp_path / "missing", tmp_path / "link")
     with pytest.raises(_labio.UserError, match="does not exist"):
