@@ -105,7 +105,7 @@ vae: $(OUT)/vae.pt ## train the VAE, 15 epochs (and its figures)
 # a vae.pt is always complete, so an interrupt while the figures are drawn keeps
 # it (.PRECIOUS), and the figures' rule below redoes only them.
 .PRECIOUS: $(OUT)/vae.pt
-$(OUT)/vae.pt: vae.py vae_stack.py thread_picker.py labio.py $(OUT)/.vae.args $(SETUP)
+$(OUT)/vae.pt: vae.py labio.py $(OUT)/.vae.args $(SETUP)
 	$(PYTHON) vae.py --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
 	  --device $(DEVICE) $(LIMIT_ARG)
 
@@ -120,7 +120,7 @@ sweep-vae: $(OUT)/sweep_vae.json $(SWEEP_VAE_FIGS) ## one VAE per z_dim in ZDIMS
 # (the target), then the figures, which their own rule redoes from those files.
 $(OUT)/.sweep-vae.args: STAMP = $(DATA) $(LIMIT) $(DEVICE) $(ZDIMS)
 .PRECIOUS: $(OUT)/sweep_vae.json
-$(OUT)/sweep_vae.json: sweep_vae.py vae.py vae_stack.py thread_picker.py labio.py $(OUT)/.sweep-vae.args $(SETUP)
+$(OUT)/sweep_vae.json: sweep_vae.py vae.py labio.py $(OUT)/.sweep-vae.args $(SETUP)
 	$(PYTHON) sweep_vae.py --z-dims $(ZDIMS) --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
 	  --device $(DEVICE) $(LIMIT_ARG)
 
