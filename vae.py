@@ -278,7 +278,12 @@ def train_vae(model, train_x, test_x=None, config=None, *, progress=True, log=pr
         for step in range(steps):
             x = shuffled[step * batch_size:(step + 1) * batch_size]
             recon_x, mu, logvar = model(x)
-            loss = vae_loss(recon_x, x, mu, logvar, config.likelihood)
+            try:
+                loss = vae_loss(recon_x, x, mu, logvar, config.likelihood)
+            except RuntimeError:   # binary_cross_entropy refuses NaN probabilities
+                if torch.isfinite(recon_x).all():
+                    raise
+                raise UserError(f"loss became non-finite at epoch {epoch}; lower --lr") from None
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
