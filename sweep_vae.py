@@ -94,8 +94,8 @@ def sweep(args):
     checkpoints = [checkpoint_path(args.out_dir, z) for z in args.z_dims]
     # The checkpoints, then the summary (the Make target), then the figures (their own rule).
     plan_outputs([*checkpoints, summary_path, *figure_paths(args.figures_dir)])
-    print(f"VAE sweep, z_dims {' '.join(map(str, args.z_dims))}: {config.epochs} epochs, batch {config.batch_size}, lr {config.lr}, {device}, "
-          f"{processes} process(es) of {threads} thread(s)")
+    print(f"VAE sweep, z_dims {' '.join(map(str, args.z_dims))}: {config.epochs} epochs, batch {config.batch_size}, "
+          f"lr {config.lr}, {device}, {processes} process(es) of {threads} thread(s)")
     start = time.perf_counter()
     results = train_all(config, args.z_dims, processes, device)
     seconds = time.perf_counter() - start
@@ -234,7 +234,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=positive_float, default=defaults.lr, help="Adam learning rate")
     add_common_args(p, "data_root", "device", "seed", "limit",
                     data_root=dict(default=defaults.data_root), device=dict(default=defaults.device),
-                    seed=dict(default=defaults.seed, help="seeds every model's init, the shuffles and eps, as vae.py does"),
+                    seed=dict(default=defaults.seed,
+                              help="seeds every model's init, the shuffles and eps, as vae.py does"),
                     limit=dict(help="use only the first N images of each split (default: all; with "
                                     "--plot-only the sweep's)"))
     p.add_argument("--processes", type=positive_int, default=None,

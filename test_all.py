@@ -1021,7 +1021,10 @@ def test_logreg_both_trainings_step_through_apply_gradients(mode, monkeypatch):
     monkeypatch.setattr(logreg, "apply_gradients", counted)
     out = logreg.train(X, L, X, L, config)
     assert calls == [5, 5, 5, 5, 3] * 2 and out["epochs_run"] == 2
-    monkeypatch.setattr(logreg, "apply_gradients", lambda X_b, L_b, theta, *rest: (theta, original(X_b, L_b, theta, *rest)[1]))
+    def frozen_step(X_b, L_b, theta, *rest):
+        return theta, original(X_b, L_b, theta, *rest)[1]
+
+    monkeypatch.setattr(logreg, "apply_gradients", frozen_step)
     frozen = logreg.train(X, L, X, L, config)["theta"]
     initial = (0.001 * np.random.default_rng(0).standard_normal((5, 10)) if mode == "reference" else np.zeros((5, 10)))
     np.testing.assert_array_equal(frozen, initial)
@@ -1828,7 +1831,10 @@ def test_vae_each_training_step_calls_loss_function_once(vae_data_root, vae_one_
     plain = vae.VAE(4)
     vae.train_vae(plain, train_x, epochs=1, batch_size=16, log=None, progress=False)
     assert calls == [(True, 16)] * 7 + [(True, 8)]
-    monkeypatch.setattr(vae, "loss_function", lambda r, x, mu, lv: original(r, x, mu, lv) + 3 * vae.kl_divergence(mu, lv))
+    def beta_4(recon_x, x, mu, logvar):
+        return original(recon_x, x, mu, logvar) + 3 * vae.kl_divergence(mu, logvar)
+
+    monkeypatch.setattr(vae, "loss_function", beta_4)
     torch.manual_seed(0)
     beta = vae.VAE(4)
     vae.train_vae(beta, train_x, epochs=1, batch_size=16, log=None, progress=False)
