@@ -184,7 +184,8 @@ def predict_proba(X, theta, mean=None, scale=None, chunk=2048):
 def mlr(trfeature, tr_onehot, tefeature, te_onehot, config=None):
     """The assignment's ``mlr``: train, return the predicted test probabilities (m_test x 10).
 
-    ``config`` is a TrainConfig (default: the default training).
+    ``config`` is a TrainConfig (default: the default training). With a reference config it is
+    the assignment's loop: apply_gradients(X, L, theta, lr) once per batch (see train).
     """
     config = config or TrainConfig.for_mode("default")
     return train(trfeature, tr_onehot, tefeature, te_onehot, config)["test_probs"]
