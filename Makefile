@@ -114,7 +114,7 @@ vae: $(OUT)/vae.pt ## train the VAE, 15 epochs (and its figures)
 # a vae.pt is always complete, so an interrupt while the figures are drawn keeps
 # it (.PRECIOUS), and the figures' rule below redoes only them.
 .PRECIOUS: $(OUT)/vae.pt
-$(OUT)/vae.pt: vae.py vae_stack.py labio.py $(SETUP) $(call stale,$(OUT)/vae.pt,$(VAE_SETTINGS))
+$(OUT)/vae.pt: vae.py labio.py $(SETUP) $(call stale,$(OUT)/vae.pt,$(VAE_SETTINGS))
 	$(PYTHON) vae.py --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
 	  --device $(DEVICE) $(LIMIT_ARG) $(THREADS_ARG)
 	$(call save,$(VAE_SETTINGS))
@@ -130,7 +130,7 @@ sweep-vae: $(OUT)/sweep_vae.json $(SWEEP_VAE_FIGS) ## one VAE per z_dim in ZDIMS
 # (the target), then the figures, which their own rule redoes from those files.
 SWEEP_VAE_SETTINGS = $(VAE_SETTINGS) ZDIMS=$(ZDIMS)
 .PRECIOUS: $(OUT)/sweep_vae.json
-$(OUT)/sweep_vae.json: sweep_vae.py vae.py vae_stack.py labio.py $(SETUP) \
+$(OUT)/sweep_vae.json: sweep_vae.py vae.py labio.py $(SETUP) \
                        $(call stale,$(OUT)/sweep_vae.json,$(SWEEP_VAE_SETTINGS))
 	$(PYTHON) sweep_vae.py --z-dims $(ZDIMS) --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
 	  --device $(DEVICE) $(LIMIT_ARG) $(THREADS_ARG)

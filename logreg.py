@@ -149,15 +149,23 @@ def loss_and_gradient(X, L, theta, l2=0.0):
     return loss, grad
 
 
-def apply_gradients(X, L, theta, lr):
+def apply_gradients(X, L, theta, lr, l2=0.0, momentum=0.0, velocity=None):
     """One step of gradient descent on the mean softmax cross-entropy. Returns (new theta, loss).
 
     Unlike the assignment's version, which takes a d x 10 theta and returns the new theta only,
-    theta here has a bias row (the last, (d + 1) x 10), and the batch's loss (before the step)
-    comes back too, so that training can report it without a second forward pass.
+    theta here has a bias row (the last, (d + 1) x 10), and the batch's loss comes back too, so
+    that training can report it without a second forward pass. Both trainings step through here:
+    the reference loop with the assignment's four arguments; the default training adds an L2
+    penalty and Nesterov momentum, whose ``velocity`` (the previous step, updated in place) puts
+    the gradient at the look-ahead point theta + momentum * velocity (the loss is taken there too).
     """
-    loss, grad = loss_and_gradient(X, L, theta)
-    return theta - lr * grad, loss
+    ahead = theta if velocity is None else theta + momentum * velocity
+    loss, grad = loss_and_gradient(X, L, ahead, l2)
+    step = -lr * grad
+    if velocity is not None:
+        step += momentum * velocity
+        velocity[...] = step
+    return theta + step, loss
 
 
 def predict_proba(X, theta, mean=None, scale=None, chunk=2048):
@@ -176,7 +184,8 @@ def predict_proba(X, theta, mean=None, scale=None, chunk=2048):
 def mlr(trfeature, tr_onehot, tefeature, te_onehot, config=None):
     """The assignment's ``mlr``: train, return the predicted test probabilities (m_test x 10).
 
-    ``config`` is a TrainConfig (default: the default training).
+    ``config`` is a TrainConfig (default: the default training). With a reference config it is
+    the assignment's loop: apply_gradients(X, L, theta, lr) once per batch (see train).
     """
     config = config or TrainConfig.for_mode("default")
     return train(trfeature, tr_onehot, tefeature, te_onehot, config)["test_probs"]
@@ -259,10 +268,7 @@ def train(trfeature, tr_onehot, tefeature, te_onehot, config, progress=False, co
     start = time.perf_counter()   # per-epoch times count from here, standardization included
     y_te = np.argmax(te_onehot, axis=1)
     if config.reference:
-        result = _train_reference(trfeature, tr_onehot, tefeature, y_te, config, [config.lr], progress,
-                                  start, on_epoch)[0]
-        if result["diverged_epoch"]:
-            raise Diverged(result["diverged_epoch"], result["history"])
+        result = _train_reference(trfeature, tr_onehot, tefeature, y_te, config, progress, start, on_epoch)
         mean = scale = None
     else:
         X_std, mean, scale = fit_standardize(trfeature, copy=copy)
@@ -272,21 +278,6 @@ def train(trfeature, tr_onehot, tefeature, te_onehot, config, progress=False, co
     result.update(mean=mean, scale=scale, config=config,
                   test_probs=predict_proba(tefeature, result["theta"], mean, scale))
     return result
-
-
-def train_reference_lrs(trfeature, tr_onehot, tefeature, te_onehot, config, lrs, progress=False, on_epoch=None):
-    """The reference procedure of ``config`` once per learning rate in ``lrs``, all trained together.
-
-    They share everything but the rate: the initial theta, the validation split and the batches,
-    in the same order. So their thetas sit side by side in one (d + 1) x 10k matrix and each batch
-    takes one matrix product for all of them. Returns one dict per rate, each what a lone
-    ``train`` with that lr computes (theta, history, epochs_run, best_epoch; no test_probs), plus
-    ``diverged_epoch`` (None, or the epoch whose loss became non-finite: that run stopped there).
-    ``on_epoch(epoch)``, if given, is called after each epoch of the stack.
-    """
-    y_te = np.argmax(te_onehot, axis=1)
-    return _train_reference(trfeature, tr_onehot, tefeature, y_te, config, lrs, progress,
-                            time.perf_counter(), on_epoch)
 
 
 def _progress(iterable, enabled, desc):
@@ -338,10 +329,7 @@ def _train_fast(X, L, X_te, y_te, config, progress, start, on_epoch):
             idx = perm[i:i + batch_size]
             # cosine schedule from lr to 0 over the whole run, step by step
             rate = 0.5 * lr * (1.0 + math.cos(math.pi * step / total_steps))   # a Python float keeps float32
-            # Nesterov: gradient at the look-ahead point theta + momentum * velocity
-            loss, grad = loss_and_gradient(X[idx], L[idx], theta + momentum * velocity, l2)
-            velocity = momentum * velocity - rate * grad
-            theta += velocity
+            theta, loss = apply_gradients(X[idx], L[idx], theta, rate, l2, momentum, velocity)
             loss_sum += float(loss) * len(idx)
             step += 1
         train_loss = loss_sum / n
@@ -374,104 +362,46 @@ def _rows_float64(X, rows, chunk=4096):
     return out
 
 
-def _train_reference(X, L, X_te, y_te, config, lrs, progress, start, on_epoch=None):
-    """The assignment's loop, for a stack of models that differ only by learning rate (see
-    train_reference_lrs): raw features, theta ~ 0.001 randn, plain mini-batch gradient descent
-    over the training rows in file order, stop when one epoch moves theta by less than 1e-10
-    (Frobenius norm). ``on_epoch(epoch)``, if given, is called after each epoch.
+def _train_reference(X, L, X_te, y_te, config, progress, start, on_epoch=None):
+    """The assignment's loop: raw features, theta ~ 0.001 randn, apply_gradients once per
+    mini-batch over the training rows in file order, stop when one epoch moves theta by less
+    than 1e-10 (Frobenius norm). ``on_epoch(epoch)``, if given, is called after each epoch.
 
     The assignment sliced ``X[i:i + BATCH_SIZE - 1]``, silently dropping the last sample of every
     batch; here every batch is ``X[i:i + batch_size]``, the last one shorter when n is not a
     multiple of the batch size. The math is float64, as in the assignment (float32 features times
     a float64 theta); the rows are converted once here rather than at every product.
-
-    At the assignment's learning rates this loop is chaotic: a 1e-16 change in theta grows to a
-    different loss within two epochs. So a stacked model matches its lone run only if every
-    product rounds exactly as the lone run's does, and BLAS picks its kernel by matrix size: one
-    (n x d) @ (d x 10k) product for the whole stack rounds differently from a lone (d x 10) one
-    for small batches. Hence the scores come from one batched product (per model the very call a
-    lone run makes), while the gradient, whose summation runs over the batch whatever the width,
-    is one wide product for all models: (10k x n) @ (n x d), the weights kept transposed.
     """
     rng = np.random.default_rng(config.seed)
     n_all, d = X.shape
-    theta0 = 0.001 * rng.standard_normal((d + 1, NUM_CLASSES))
+    theta = 0.001 * rng.standard_normal((d + 1, NUM_CLASSES))
     tr_idx, val_idx = split_validation(n_all, config.val_fraction, rng)
     X_val, y_val = _rows_float64(X, val_idx), np.argmax(L[val_idx], axis=1)
     X, L = _rows_float64(X, tr_idx), np.asarray(L[tr_idx], dtype=np.float64)
     X_te = _rows_float64(X_te, np.arange(X_te.shape[0]))
-    n, batch_size, l2 = X.shape[0], config.batch_size, config.l2
-    # The models still training, stacked: weights transposed (k x 10 x d), biases, learning rates.
-    active = list(range(len(lrs)))
-    weights = np.repeat(theta0[None, :-1].transpose(0, 2, 1), len(lrs), axis=0)
-    bias = np.repeat(theta0[None, -1], len(lrs), axis=0)
-    rates = np.asarray(lrs, dtype=np.float64)[:, None, None]
-    runs = [{"lr": lr, "history": _history(), "diverged_epoch": None} for lr in lrs]
-    bar = _progress(range(1, config.epochs + 1), progress,
-                    f"logreg --reference, batch {batch_size}" + (f", {len(lrs)} lrs" if len(lrs) > 1 else ""))
-    with np.errstate(over="ignore", invalid="ignore"):   # a diverging model is caught below
+    n, batch_size = X.shape[0], config.batch_size
+    hist = _history()
+    bar = _progress(range(1, config.epochs + 1), progress, f"logreg --reference, batch {batch_size}")
+    with np.errstate(over="ignore", invalid="ignore"):   # a diverging run raises Diverged below
         for epoch in bar:
-            k = len(active)
-            before = np.concatenate([weights.reshape(k, -1), bias], axis=1)
-            step = np.empty((k * NUM_CLASSES, d))   # reused: a fresh 0.6 MB per batch costs page faults
-            loss_sum = np.zeros(k)
+            before = theta
+            loss_sum = 0.0
             for i in range(0, n, batch_size):
                 X_b, L_b = X[i:i + batch_size], L[i:i + batch_size]
-                loss, delta = cross_entropy(_stack_scores(X_b, weights, bias), L_b)
-                if l2:
-                    loss += 0.5 * l2 * np.sum(weights ** 2, axis=(1, 2))
-                    weights *= 1.0 - rates * l2
-                delta *= rates   # lr * gradient = (lr * delta)^T X: scale the small factor
-                weights -= np.matmul(delta.transpose(0, 2, 1).reshape(k * NUM_CLASSES, -1), X_b,
-                                     out=step).reshape(weights.shape)
-                bias -= delta.sum(axis=1)
+                theta, loss = apply_gradients(X_b, L_b, theta, config.lr, config.l2)
                 loss_sum += loss * X_b.shape[0]   # the last, short batch weighs what it holds
             train_loss = loss_sum / n
-            after = np.concatenate([weights.reshape(k, -1), bias], axis=1)
-            finite = np.isfinite(train_loss) & np.isfinite(after).all(axis=1)
-            moving = np.sqrt(np.sum((after - before) ** 2, axis=1)) >= REFERENCE_TOL
-            val_acc = _stack_accuracy(X_val, y_val, weights, bias)
-            test_acc = _stack_accuracy(X_te, y_te, weights, bias)
-            seconds = time.perf_counter() - start
-            for j, model in enumerate(active):
-                run = runs[model]
-                if finite[j]:
-                    _record(run["history"], train_loss[j], val_acc[j], test_acc[j], seconds)
-                else:   # diverged: its accuracies would be those of NaN scores
-                    _record(run["history"], train_loss[j], np.nan, np.nan, seconds)
-                    run["diverged_epoch"] = epoch
-                run["theta"], run["epochs_run"] = np.vstack([weights[j].T, bias[j]]), epoch
+            if not (np.isfinite(train_loss) and np.isfinite(theta).all()):
+                raise Diverged(epoch, hist)
+            val_acc = accuracy(X_val, y_val, theta) if len(X_val) else float("nan")
+            _record(hist, train_loss, val_acc, accuracy(X_te, y_te, theta), time.perf_counter() - start)
             if progress:
-                bar.set_postfix(training=int(np.sum(finite & moving)),
-                                best_test=f"{np.max(test_acc[finite], initial=0.0):.4f}")
+                bar.set_postfix(loss=f"{train_loss:.4f}", test=f"{hist['test_acc'][-1]:.4f}")
             if on_epoch:
                 on_epoch(epoch)
-            keep = np.flatnonzero(finite & moving)   # diverged or settled models leave the stack
-            if len(keep) < k:
-                weights, bias, rates = weights[keep], bias[keep], rates[keep]
-                active = [active[j] for j in keep]
-            if not active:
+            if np.linalg.norm(theta - before) < REFERENCE_TOL:
                 break
-    for run in runs:
-        run["best_epoch"] = run["epochs_run"]
-    return runs
-
-
-def _stack_scores(X, weights, bias):
-    """Scores of k stacked models (weights k x 10 x d, bias k x 10): k x n x 10, one batched
-    product that makes, per model, the call a lone model's product makes."""
-    return np.matmul(X, weights.transpose(0, 2, 1)) + bias[:, None, :]
-
-
-def _stack_accuracy(X, y, weights, bias):
-    """Accuracy of each stacked model. One wide product: its rounding may differ from a lone
-    model's in the last bit, which could change an argmax only on an exact tie of two scores,
-    and accuracy does not feed back into training."""
-    if X.shape[0] == 0:
-        return np.full(len(weights), np.nan)
-    k = len(weights)
-    scores = X @ weights.reshape(k * NUM_CLASSES, -1).T + bias.reshape(-1)
-    return np.mean(np.argmax(scores.reshape(len(X), k, NUM_CLASSES), axis=2) == y[:, None], axis=0)
+    return {"theta": theta, "history": hist, "epochs_run": epoch, "best_epoch": epoch}
 
 
 # --------------------------------------------------------------------- inputs

@@ -12,11 +12,10 @@ validation accuracy and test accuracy. The best configuration (and epoch) is cho
 validation accuracy, never on test accuracy. A non-finite loss is a result: that configuration
 is marked diverged at that epoch, and the others go on.
 
-In the reference mode (the assignment's procedure, the default) the configurations that share a
-batch size see the same batches in the same order from the same initial theta, so they train
-together (logreg.train_reference_lrs), and the batch sizes train in parallel processes
-(--jobs). A configuration's history equals a lone `logreg.py --reference --batch-size B --lr LR
---epochs E --val-fraction F` run of it.
+Each configuration is one call of logreg.train, the very training a lone logreg.py run makes
+(in the reference mode, the default, the assignment's loop), and the configurations train in
+parallel processes (--jobs). So a configuration's history equals a lone `logreg.py --reference
+--batch-size B --lr LR --epochs E --val-fraction F` run of it.
 
 Outputs: OUT/sweep_logreg.json, then FIGURES/sweep_logreg.png.
 """
@@ -43,8 +42,7 @@ from labio import (ArgumentParser, UserError, read_json, add_common_args, check_
 GRID_DEFAULTS = {"batch_size": [16, 64, 256, 1024], "lr": [1e-4, 1e-3, 1e-2, 1e-1]}
 EPOCHS, VAL_FRACTION = 20, 0.1
 JSON_NAME, FIGURE_NAME = "sweep_logreg.json", "sweep_logreg.png"
-SECONDS_NOTE = ("wall seconds of the training call that produced the run; in the reference mode the "
-                "learning rates of one batch size train together, so they share one number")
+SECONDS_NOTE = "wall seconds of the training call that produced the run"
 HISTORY_KEYS = ("train_loss", "val_acc", "test_acc")
 
 
@@ -57,45 +55,25 @@ def configs(mode, batch_sizes, lrs, epochs, seed, val_fraction):
             for b in batch_sizes for lr in lrs]
 
 
-def tasks(cells):
-    """Units of work: in the reference mode one per batch size (its learning rates train together),
-    in the default mode one per configuration. Each is a list of TrainConfigs."""
-    if cells[0].reference:
-        groups = {}
-        for config in cells:
-            groups.setdefault(config.batch_size, []).append(config)
-        return list(groups.values())
-    return [[config] for config in cells]
-
-
 _SHARED = {}   # set before the workers fork: they inherit the data instead of reloading 0.5 GB
 
 
-def run_task(group):
-    """Train one task's configurations; returns one run record per configuration (grid order)."""
+def run_task(config):
+    """Train one configuration as logreg.py would; returns its run record. A diverging run is a
+    result: its history up to the epoch whose loss became non-finite."""
     X, L, X_te, L_te = _SHARED["data"]
-    report = _SHARED["report"]
     start = time.perf_counter()
-    if group[0].reference:
-        results = logreg.train_reference_lrs(X, L, X_te, L_te, group[0], [c.lr for c in group],
-                                             on_epoch=report)
-    else:
-        results = [_train_default(X, L, X_te, L_te, group[0], report)]
-    seconds = time.perf_counter() - start
-    return [run_record(config, result, seconds) for config, result in zip(group, results)]
-
-
-def _train_default(X, L, X_te, L_te, config, report):
     try:
-        return logreg.train(X, L, X_te, L_te, config, on_epoch=report)
+        result = logreg.train(X, L, X_te, L_te, config, on_epoch=_SHARED["report"])
     except logreg.Diverged as exc:
-        return {"history": exc.history, "diverged_epoch": exc.epoch}
+        result = {"history": exc.history, "diverged_epoch": exc.epoch}
+    return run_record(config, result, time.perf_counter() - start)
 
 
 def run_record(config, result, seconds):
     hist = result["history"]
     diverged = result.get("diverged_epoch")
-    if diverged and len(hist["train_loss"]) < diverged:   # the default training raises before recording
+    if diverged and len(hist["train_loss"]) < diverged:   # training raises before recording that epoch
         for key in HISTORY_KEYS:
             hist[key].append(math.nan)
     record = {"batch_size": config.batch_size, "lr": config.lr, "diverged": bool(diverged),
@@ -119,20 +97,18 @@ def _init_worker(progress_queue):
 
 
 def run_all(data, cells, jobs, progress):
-    """Every grid cell's run record, in grid order; tasks run in ``jobs`` forked processes."""
-    work = tasks(cells)
+    """Every grid cell's run record, in grid order; they train in ``jobs`` forked processes."""
+    work = cells
     bar = _bar(len(work) * cells[0].epochs, progress)
     _SHARED["data"] = data
     try:
         if jobs == 1 or len(work) == 1 or "fork" not in multiprocessing.get_all_start_methods():
             _SHARED["report"] = lambda epoch: bar.update(1)
-            done = [run_task(group) for group in work]
-        else:
-            done = _run_parallel(work, min(jobs, len(work)), bar)
+            return [run_task(config) for config in work]
+        return _run_parallel(work, min(jobs, len(work)), bar)
     finally:
         bar.close()
         _SHARED.clear()
-    return [record for group in done for record in group]
 
 
 def _run_parallel(work, jobs, bar):
@@ -356,7 +332,7 @@ def parse_args(argv=None):
                    help="share of the training set held out to choose the best configuration")
     add_common_args(p, "seed", seed={"help": "seed of the validation split, initialization and shuffling"})
     p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
-                   help="processes that train batch sizes (or configurations) in parallel")
+                   help="processes that train configurations in parallel")
     p.add_argument("--plot-only", action="store_true", help=f"only re-render the figure from OUT/{JSON_NAME}")
     args = p.parse_args(argv)
     if not 0 < args.val_fraction < 1:

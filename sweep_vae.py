@@ -1,14 +1,11 @@
 """`make sweep-vae`: one VAE per latent size, to see what z_dim does to the loss,
 its reconstruction and KL terms, the reconstructions and the latent space.
 
-Each z_dim (2, 5, 10, 20, 50 by default) trains as `make vae` does: the same
-data, seed, batches, Adam and epochs. They train at once: the z_dims are dealt
-between one process per CPU core (on 2 cores: 50 10 2 here, 20 5 in a spawned
-process), and each process trains its group together in one stack (vae_stack:
-one buffer, fc1 and fc4 of all its models as batched matrix products, one fused
-Adam). Each model draws the batches and eps it would draw alone, with the same
-float rounding, so the z_dim-20 run of a sweep equals a lone `vae.py` run with
-the same settings (the tests check it, exactly).
+Each z_dim (2, 5, 10, 20, 50 by default) is trained by vae.py's own training
+(vae.train_model), in a spawned process of its own, several at once (by default
+all of them, each on an equal share of torch's threads). So the z_dim-20 run of a
+sweep is a lone `vae.py` run with the same settings and thread count (the tests
+check it, exactly).
 
     python sweep_vae.py --data-root data --out-dir artifacts --figures-dir figures
     python sweep_vae.py --z-dims 2 20 --epochs 2 --limit 2000      # a quick look
@@ -20,13 +17,11 @@ import multiprocessing
 import os
 import signal
 import time
-import traceback
 
 import torch
 
 import vae
 import vae_figures as vf
-import vae_stack
 from labio import (ArgumentParser, UserError, add_common_args, check_can_create, load_mnist, plan_outputs,
                    positive_float, positive_int, read_json, resolve_device, run_main, versions, write_json)
 
@@ -49,147 +44,82 @@ def figure_paths(figures_dir):
 
 # ----------------------------------------------------------------- training
 
-def train_group(config, z_dims, train_x, test_x, device, log=print):
-    """Models (one per z_dim, each initialised as vae.py would with this seed), trained
-    together in one stack, with their histories and the wall time."""
-    models = []
-    for z_dim in z_dims:
-        torch.manual_seed(config.seed)      # the init a lone `vae.py --z-dim z_dim` run gets
-        models.append(vae.VAE(z_dim).to(device))
-    start = time.perf_counter()
-    try:
-        histories = vae.train_stack(models, train_x, test_x.to(device), epochs=config.epochs,
-                                    batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-                                    likelihood=config.likelihood, labels=[f"z={z}" for z in z_dims],
-                                    threads=config.threads, log=log, progress=log is not None)
-    except FloatingPointError as exc:
-        raise UserError(f"{exc}; lower --lr") from None
-    return models, histories, time.perf_counter() - start
+def train_one(config):
+    """A spawned process: vae.py's training of one config; (state_dict, history, run) as bytes
+    (torch would pass tensors through shared memory, gone once the process exits)."""
+    train_x, test_x, _ = vae.load_splits(config.data_root, config.limit)
+    model, history, run = vae.train_model(config, train_x, test_x, log=None, progress=False)
+    buffer = io.BytesIO()
+    torch.save((model.state_dict(), history, run), buffer)
+    return buffer.getvalue()
 
 
-def group_worker(config, z_dims, connection):
-    """A spawned process: load the data, train one group, send back (state_dicts,
-    histories, seconds), or the one-line error, or a traceback for a bug."""
+def _ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # Ctrl-C reaches the parent, which stops us
-    try:
-        train_x, test_x, _ = vae.load_splits(config.data_root, config.limit)
-        models, histories, seconds = train_group(config, z_dims, train_x, test_x,
-                                                 resolve_device(config.device), log=None)
-        # As bytes: torch would pass tensors through shared memory, gone once we exit.
-        buffer = io.BytesIO()
-        torch.save(([model.state_dict() for model in models], histories, seconds), buffer)
-        connection.send(("ok", buffer.getvalue()))
-    except UserError as exc:
-        connection.send(("error", str(exc)))
-    except Exception:
-        connection.send(("bug", traceback.format_exc()))
-    finally:
-        connection.close()
 
 
-def deal(z_dims, processes):
-    """z_dims dealt into ``processes`` groups, largest first: fc1 and fc4 make every
-    model cost about the same whatever its z_dim, so the groups differ by at most one."""
-    ordered = sorted(z_dims, reverse=True)
-    return [ordered[i::processes] for i in range(min(processes, len(ordered)))]
-
-
-def train_all(config, z_dims, train_x, test_x, device, processes):
-    """{z_dim: (model, history, seconds)}: the first group trains here while the others
-    train in spawned processes at the same time; every model comes out as it would
-    alone (same init, batches, eps and rounding)."""
-    groups = deal(z_dims, processes)
+def train_all(config, z_dims, processes, device):
+    """{z_dim: (model, history, run)}, each z_dim trained by train_one in ``processes`` spawned
+    processes; each run's epoch lines are printed as it comes back."""
     context = multiprocessing.get_context("spawn")    # a fork of a process running OpenMP can hang
-    workers, results = [], {}
-    try:
-        for group in groups[1:]:
-            receiver, sender = context.Pipe(duplex=False)
-            worker = context.Process(target=group_worker, args=(config, group, sender), daemon=True)
-            worker.start()
-            sender.close()
-            workers.append((group, worker, receiver))
-        models, histories, seconds = train_group(config, groups[0], train_x, test_x, device)
-        results.update({z: (m, h, seconds) for z, m, h in zip(groups[0], models, histories)})
-        for group, worker, receiver in workers:
-            results.update(receive_group(group, worker, receiver, device))
-    finally:
-        for _, worker, _ in workers:
-            if worker.is_alive():
-                worker.terminate()
-            worker.join()
-    return results, groups
-
-
-def receive_group(group, worker, receiver, device):
-    """A worker's models and histories, with its epoch lines printed now."""
-    names = " ".join(map(str, group))
-    try:
-        message = receiver.recv()
-    except EOFError:
-        worker.join()
-        raise UserError(f"the process training z_dims {names} stopped without a result "
-                        f"(exit code {worker.exitcode})") from None
-    if message[0] == "error":
-        raise UserError(message[1])
-    if message[0] == "bug":
-        raise RuntimeError(f"the process training z_dims {names} failed:\n{message[1]}")
-    states, histories, seconds = torch.load(io.BytesIO(message[1]), weights_only=True)
-    for epoch in range(1, len(histories[0]["train_loss"]) + 1):
-        so_far = [{key: values[:epoch] for key, values in history.items()} for history in histories]
-        print(vae_stack.epoch_line(epoch, len(histories[0]["train_loss"]), [f"z={z}" for z in group], so_far,
-                                   histories[0]["seconds"][epoch - 1]) + "  (second process)")
+    pool = context.Pool(processes, initializer=_ignore_sigint)
     results = {}
-    for z_dim, state, history in zip(group, states, histories):
-        model = vae.VAE(z_dim)
-        model.load_state_dict(state)
-        results[z_dim] = (model.to(device), history, seconds)
+    try:
+        configs = [dataclasses.replace(config, z_dim=z_dim) for z_dim in z_dims]
+        for z_dim, payload in zip(z_dims, pool.imap(train_one, configs)):
+            state, history, run = torch.load(io.BytesIO(payload), weights_only=True)
+            for epoch in range(1, len(history["train_loss"]) + 1):
+                print(vae.epoch_line(epoch, config.epochs, history, label=f"z={z_dim}"))
+            model = vae.VAE(z_dim)
+            model.load_state_dict(state)
+            results[z_dim] = (model.to(device), history, run)
+    finally:
+        pool.terminate()    # also on Ctrl-C or an error: no worker outlives the sweep
+        pool.join()
     return results
 
 
 def sweep(args):
-    config = vae.VAEConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                           data_root=args.data_root, limit=args.limit, device=args.device,
-                           threads=args.threads)
-    device = resolve_device(config.device)
+    device = resolve_device(args.device)
+    processes = args.processes or (len(args.z_dims) if device.type == "cpu" else 1)
+    threads = args.threads or max(1, torch.get_num_threads() // processes)
+    config = dataclasses.replace(vae.DEFAULTS, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                 seed=args.seed, data_root=args.data_root, limit=args.limit, device=args.device,
+                                 threads=threads)
     check_can_create(os.path.join(args.out_dir, CHECKPOINT_DIR))
     check_can_create(args.figures_dir)
-    train_x, test_x, test_y = vae.load_splits(config.data_root, config.limit)
+    load_mnist(config.data_root, train=True)    # a missing or damaged split fails here, before any process starts
+    test_x, test_y = vae.preload(load_mnist(config.data_root, train=False), config.limit)
     summary_path = os.path.join(args.out_dir, SUMMARY_NAME)
     checkpoints = [checkpoint_path(args.out_dir, z) for z in args.z_dims]
     # The checkpoints, then the summary (the Make target), then the figures (their own rule).
     plan_outputs([*checkpoints, summary_path, *figure_paths(args.figures_dir)])
-    processes = args.processes or (min(len(args.z_dims), os.cpu_count() or 1) if device.type == "cpu" else 1)
-    threads = config.threads or torch.get_num_threads()
-    print(f"VAE sweep, z_dims {' '.join(map(str, args.z_dims))}: {len(train_x)} train / {len(test_x)} test "
-          f"images, {config.epochs} epochs, batch {config.batch_size}, lr {config.lr}, {device}, "
-          f"{processes} process(es) of {config.threads or f'1 or {threads}'} threads")
+    print(f"VAE sweep, z_dims {' '.join(map(str, args.z_dims))}: {config.epochs} epochs, batch {config.batch_size}, "
+          f"lr {config.lr}, {device}, {processes} process(es) of {threads} thread(s)")
     start = time.perf_counter()
-    results, groups = train_all(config, args.z_dims, train_x, test_x, device, processes)
+    results = train_all(config, args.z_dims, processes, device)
     seconds = time.perf_counter() - start
+    n_train = results[args.z_dims[0]][2]["n_train"]
     runs = []
     for z_dim, path in zip(args.z_dims, checkpoints):
-        model, history, group_seconds = results[z_dim]
-        run_info = {"n_train": len(train_x), "n_test": len(test_x), "device": str(device), "threads": threads,
-                    "epoch_threads": history["threads"], "seconds": group_seconds}
+        model, history, run_info = results[z_dim]
         vae.save_checkpoint(path, model, config=dataclasses.replace(config, z_dim=z_dim), history=history,
                             run=run_info)
         print(f"wrote {path}")
-        runs.append({"z_dim": z_dim, "seconds": round(group_seconds, 3),
+        runs.append({"z_dim": z_dim, "seconds": round(run_info["seconds"], 3),
                      "checkpoint": os.path.relpath(path, args.out_dir), "epoch_threads": history["threads"],
                      **{key: history[key] for key in vae.HISTORY_KEYS}})
-    strategy = (f"{len(groups)} process(es) at once, z_dims {' / '.join(' '.join(map(str, g)) for g in groups)}; "
-                "each trains its group together (vae_stack: fc1 and fc4 as batched matmuls, one flat buffer under torch's fused Adam kernel), "
-                "with the batches, eps and rounding of lone vae.py runs; each epoch on the faster of 1 and "
-                f"{threads} threads; runs[].seconds is its process's training time")
+    strategy = (f"each z_dim trained by vae.py's own training (vae.train_model) in a spawned process, "
+                f"{processes} at once, {threads} thread(s) each; runs[].seconds is its training time")
     summary = {"kind": "sweep_vae", "z_dims": list(args.z_dims), "epochs": config.epochs, "seed": config.seed,
                "batch_size": config.batch_size, "lr": config.lr, "likelihood": config.likelihood,
-               "limit": config.limit, "n_train": len(train_x), "n_test": len(test_x),
-               "seconds": round(seconds, 3), "threads": threads, "processes": len(groups),
+               "limit": config.limit, "n_train": n_train, "n_test": len(test_x),
+               "seconds": round(seconds, 3), "threads": threads, "processes": processes,
                "device": str(device), "strategy": strategy, "runs": runs, "versions": versions()}
     write_json(summary_path, summary)
     print(f"wrote {summary_path}")
     models = {z: results[z][0] for z in args.z_dims}
-    render_and_report(models, summary, test_x.cpu(), test_y, args.figures_dir)
+    render_and_report(models, summary, test_x, test_y, args.figures_dir)
 
 
 # ------------------------------------------------------------------ reading
@@ -289,7 +219,7 @@ def z_dim_list(values):
 
 
 def parse_args(argv=None):
-    defaults = vae.VAEConfig()
+    defaults = vae.DEFAULTS
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", default="artifacts",
                    help=f"where {SUMMARY_NAME} and {CHECKPOINT_DIR}/vae_z*.pt go (OUT)")
@@ -303,15 +233,16 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="images per Adam step")
     p.add_argument("--lr", type=positive_float, default=defaults.lr, help="Adam learning rate")
     add_common_args(p, "data_root", "device", "seed", "limit",
-                    seed=dict(help="seeds every model's init, the shuffles and eps, as vae.py does"),
+                    data_root=dict(default=defaults.data_root), device=dict(default=defaults.device),
+                    seed=dict(default=defaults.seed,
+                              help="seeds every model's init, the shuffles and eps, as vae.py does"),
                     limit=dict(help="use only the first N images of each split (default: all; with "
                                     "--plot-only the sweep's)"))
     p.add_argument("--processes", type=positive_int, default=None,
-                   help="training processes at once, the z_dims dealt between them (default: one per "
-                        "CPU core, at most one per z_dim; 1 on a GPU)")
+                   help="training processes at once, one z_dim each (default: every z_dim at once; 1 on a GPU)")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads (default: each epoch, the faster of 1 and all cores; the numbers "
-                        "do not depend on it)")
+                   help="CPU threads of each process (default: torch's count shared between the processes, "
+                        "at least 1)")
     args = p.parse_args(argv)
     args.z_dims = z_dim_list(args.z_dims)
     return args

@@ -1185,6 +1185,32 @@ def test_logreg_reference_last_short_batch_counts_in_loss_and_gradient():
     assert np.abs(out["theta"] - without_last).max() > 1e-6   # the short batch did move theta
 
 
+@pytest.mark.parametrize("mode", ["reference", "default"])
+def test_logreg_both_trainings_step_through_apply_gradients(mode, monkeypatch):
+    """23 training rows in batches of 5: 5 calls of apply_gradients per epoch, one per batch in
+    file order for the reference loop; and a step that does nothing leaves theta where it began."""
+    X, y = logreg_blobs(23, 4, seed=7)
+    L = logreg.get_one_hot(y)
+    config = logreg.TrainConfig.for_mode(mode, epochs=2, batch_size=5, lr=0.05, val_fraction=0.0)
+    calls = []
+    original = logreg.apply_gradients
+
+    def counted(X_b, L_b, theta, lr, *rest):
+        calls.append(len(X_b))
+        return original(X_b, L_b, theta, lr, *rest)
+
+    monkeypatch.setattr(logreg, "apply_gradients", counted)
+    out = logreg.train(X, L, X, L, config)
+    assert calls == [5, 5, 5, 5, 3] * 2 and out["epochs_run"] == 2
+    def frozen_step(X_b, L_b, theta, *rest):
+        return theta, original(X_b, L_b, theta, *rest)[1]
+
+    monkeypatch.setattr(logreg, "apply_gradients", frozen_step)
+    frozen = logreg.train(X, L, X, L, config)["theta"]
+    initial = (0.001 * np.random.default_rng(0).standard_normal((5, 10)) if mode == "reference" else np.zeros((5, 10)))
+    np.testing.assert_array_equal(frozen, initial)
+
+
 def test_logreg_reference_stops_when_theta_moves_less_than_1e_10():
     """With all-zero features only the bias learns, so the oracle is a plain iteration of the
     bias: b <- b - lr * (softmax(b) - mean label). The run must stop at the first epoch that moves
@@ -1911,8 +1937,11 @@ def test_vae_loss_function_matches_hand_computation():
     bce = -np.sum(xn * np.log(p) + (1 - xn) * np.log(1 - p))
     kld = -0.5 * np.sum(1 + lvn - mun ** 2 - np.exp(lvn))
     assert vae.loss_function(torch.sigmoid(logits), x, mu, logvar).item() == pytest.approx(bce + kld, rel=1e-10)
-    # The logits form the training loop uses is the same loss.
-    assert vae.loss_from_logits(logits, x, mu, logvar).item() == pytest.approx(bce + kld, rel=1e-10)
+    assert vae.vae_loss(torch.sigmoid(logits), x, mu, logvar).item() == pytest.approx(bce + kld, rel=1e-10)
+    # The continuous Bernoulli subtracts its log-normalizer, written out: log(2 artanh(1 - 2p) / (1 - 2p)).
+    log_c = np.sum(np.log(2 * np.arctanh(1 - 2 * p) / (1 - 2 * p)))
+    cb = vae.vae_loss(torch.sigmoid(logits), x, mu, logvar, "continuous-bernoulli").item()
+    assert cb == pytest.approx(bce + kld - log_c, rel=1e-9)
 
 
 @pytest.mark.parametrize("lam", [0.003, 0.2, 0.4999, 0.5, 0.5002, 0.7, 0.995])
@@ -1948,136 +1977,110 @@ def test_vae_reparameterize_statistics_and_gradients():
     assert logvar.grad.abs().sum() > 0 and torch.isfinite(logvar.grad).all()
 
 
-# ------------------------------------------- hand-written step (vae_stack)
+# ------------------------------------------- training runs through the model
 
-def stack_grad(stack, param):
-    """The gradient the stack wrote for a module parameter (a view of its flat buffer)."""
-    offset = (param.data_ptr() - stack.flat.data_ptr()) // param.element_size()
-    return stack.flat.grad[offset:offset + param.numel()].view(param.shape)
+def vae_tiny_train_x(vae_data_root, limit=120):
+    return vae.preload(vae.load_mnist(vae_data_root, train=True), limit=limit)[0]
 
 
-@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous-bernoulli"])
-def test_vae_stack_gradients_match_autograd(likelihood):
-    """Oracle: autograd in float64 through the assignment-named modules, same eps."""
+def test_vae_training_loss_is_what_forward_outputs(vae_data_root, vae_one_thread, monkeypatch):
+    """A forward() that outputs 0.5 for every pixel (and mu = logvar = 0, so no KL): the
+    training loss must be the BCE of a coin flip, 784 ln 2 per image, whatever the images."""
+    def coin(self, x):
+        mu, logvar = self.encoder(x)
+        return torch.full((len(mu), 784), 0.5) + 0 * mu.sum(), 0 * mu, 0 * logvar
+
+    monkeypatch.setattr(vae.VAE, "forward", coin)
     torch.manual_seed(0)
-    models = [vae.VAE(3), vae.VAE(20)]
-    references = [copy.deepcopy(m).double() for m in models]
-    x = torch.rand(16, 784, generator=torch.Generator().manual_seed(1))
-    from vae_stack import StackedVAEs
-
-    stack = StackedVAEs(models)
-    losses = stack.step(x, [torch.Generator().manual_seed(5) for _ in models], likelihood)
-    for k, (model, reference) in enumerate(zip(models, references)):
-        mu, logvar = reference.encoder(x.double())
-        eps = torch.randn(16, model.z_dim, generator=torch.Generator().manual_seed(5)).double()
-        logits = reference.decoder.logits(mu + eps * torch.exp(0.5 * logvar))
-        loss = vae.loss_from_logits(logits, x.double(), mu, logvar, likelihood)
-        loss.backward()
-        assert losses[k].item() == pytest.approx(loss.item(), rel=2e-5)
-        for (name, param), ref in zip(model.named_parameters(), reference.parameters()):
-            error = (stack_grad(stack, param).double() - ref.grad).abs().max() / ref.grad.abs().max()
-            assert error < 5e-5, (k, name, error.item())
-    stack.release()
+    history = vae.train_vae(vae.VAE(4), vae_tiny_train_x(vae_data_root), epochs=1, batch_size=16, log=None,
+                            progress=False)
+    assert history["train_loss"][0] == pytest.approx(784 * math.log(2), rel=1e-5)
 
 
-def test_vae_stack_trains_like_autograd_and_adam(vae_data_root, vae_one_thread):
-    """Two models stacked for one epoch (8 steps) end where the assignment's way of
-    training (autograd, loss_function on probabilities, torch's Adam) takes each of
-    them on the same batches and eps."""
-    train_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=True), limit=120)   # a short last batch
+def test_vae_each_training_step_calls_loss_function_once(vae_data_root, vae_one_thread, monkeypatch):
+    """120 images in batches of 16: 8 steps, 8 calls of loss_function, each on model(x)'s outputs;
+    and a weight on its KL term (an edit a student may make) changes what trains."""
+    calls = []
+    original = vae.loss_function
+
+    def counted(recon_x, x, mu, logvar):
+        calls.append((recon_x.requires_grad, len(x)))
+        return original(recon_x, x, mu, logvar)
+
+    train_x = vae_tiny_train_x(vae_data_root)
+    monkeypatch.setattr(vae, "loss_function", counted)
     torch.manual_seed(0)
-    models = [vae.VAE(2), vae.VAE(6)]
-    references = [copy.deepcopy(m) for m in models]
-    vae.train_stack(models, train_x, epochs=1, batch_size=16, seed=4, progress=False, log=None)
-    for model, reference in zip(models, references):
-        optimizer = torch.optim.Adam(reference.parameters(), lr=1e-3)
-        shuffled = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(4))]
-        eps = torch.Generator().manual_seed(5)
-        for start in range(0, len(train_x), 16):
-            x = shuffled[start:start + 16]
-            logits, mu, logvar = reference.forward_logits(x, eps)
-            optimizer.zero_grad()
-            vae.loss_function(torch.sigmoid(logits), x, mu, logvar).backward()
-            optimizer.step()
-        # Adam moves every weight by about lr = 1e-3 per step, whatever the gradient's
-        # size, so a wrong gradient shows up as ~1e-3; float rounding on near-zero
-        # gradients gives up to ~1e-5 here.
-        for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
-            assert torch.allclose(ours, theirs, rtol=0, atol=1e-4), name
+    plain = vae.VAE(4)
+    vae.train_vae(plain, train_x, epochs=1, batch_size=16, log=None, progress=False)
+    assert calls == [(True, 16)] * 7 + [(True, 8)]
+    def beta_4(recon_x, x, mu, logvar):
+        return original(recon_x, x, mu, logvar) + 3 * vae.kl_divergence(mu, logvar)
+
+    monkeypatch.setattr(vae, "loss_function", beta_4)
+    torch.manual_seed(0)
+    beta = vae.VAE(4)
+    vae.train_vae(beta, train_x, epochs=1, batch_size=16, log=None, progress=False)
+    assert not torch.equal(plain.encoder.fc2_logvar.weight, beta.encoder.fc2_logvar.weight)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_vae_stack_adam_in_pieces_equals_torch_adam_after_the_step(fused):
-    """Oracle: the same stack and batches, with torch.optim.Adam over the whole flat
-    buffer after each step. torch's fused kernel per piece gives the very same bits;
-    the plain-ops path (for devices without it) the same formula, to float rounding."""
-    from vae_stack import FlatAdam, StackedVAEs
+class DeeperEncoder(vae.Encoder):
+    """The assignment's encoder with one more hidden layer."""
 
-    x = torch.rand(12 * 16, 784, generator=torch.Generator().manual_seed(1))
-    weights = []
-    for in_pieces in (True, False):
-        torch.manual_seed(0)
-        stack = StackedVAEs([vae.VAE(3), vae.VAE(20)])
-        generators = [torch.Generator().manual_seed(5) for _ in range(2)]
-        if in_pieces:
-            adam = FlatAdam(stack.flat, 1e-3)
-            assert adam.fused, "this torch build has a fused CPU Adam; the pieces should use it"
-            adam.fused = fused
-        else:
-            optimizer = torch.optim.Adam([stack.flat], lr=1e-3, fused=True if fused else None,
-                                         foreach=False if not fused else None)
-        for start in range(0, len(x), 16):
-            stack.step(x[start:start + 16], generators, adam=adam if in_pieces else None)
-            if not in_pieces:
-                optimizer.step()
-        weights.append(stack.flat.detach().clone())
-        stack.release()
-    if fused:
-        assert torch.equal(weights[0], weights[1])
-    else:
-        torch.testing.assert_close(weights[0], weights[1], rtol=1e-6, atol=1e-7)
-    assert not torch.equal(weights[0], torch.zeros_like(weights[0]))
+    def __init__(self, z_dim):
+        super().__init__(z_dim)
+        self.extra = torch.nn.Linear(vae.HIDDEN, vae.HIDDEN)
+
+    def forward(self, x):
+        h = torch.relu(self.extra(torch.relu(self.fc1(x.reshape(-1, 784)))))
+        return self.fc2_mu(h), self.fc2_logvar(h)
+
+
+class DeeperVAE(vae.VAE):
+    def __init__(self, z_dim):
+        super().__init__(z_dim)
+        self.encoder = DeeperEncoder(z_dim)
+
+
+class WideEncoderVAE(vae.VAE):
+    """Only the encoder's hidden layer widened to 512."""
+
+    def __init__(self, z_dim):
+        super().__init__(z_dim)
+        self.encoder.fc1 = torch.nn.Linear(784, 512)
+        self.encoder.fc2_mu, self.encoder.fc2_logvar = torch.nn.Linear(512, z_dim), torch.nn.Linear(512, z_dim)
+
+
+@pytest.mark.parametrize("variant", ["hidden_512", "encoder_512", "extra_layer"])
+def test_vae_an_edited_model_trains_through_train_vae(variant, vae_data_root, vae_one_thread, monkeypatch):
+    """Another hidden size (HIDDEN, or the encoder's only), or a subclass with an extra layer:
+    train_vae trains every parameter."""
+    if variant == "hidden_512":
+        monkeypatch.setattr(vae, "HIDDEN", 512)
+    torch.manual_seed(0)
+    model = {"hidden_512": vae.VAE, "encoder_512": WideEncoderVAE, "extra_layer": DeeperVAE}[variant](6)
+    assert model.encoder.fc1.out_features == (400 if variant == "extra_layer" else 512)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    train_x = vae_tiny_train_x(vae_data_root, limit=None)
+    start = sum(vae.evaluate(model, train_x))
+    history = vae.train_vae(model, train_x, train_x[:64], epochs=2, batch_size=16, log=None, progress=False)
+    assert all(not torch.equal(before[name], p) for name, p in model.named_parameters())
+    assert sum(vae.evaluate(model, train_x)) < 0.8 * start and all(map(math.isfinite, history["test_loss"]))
+
+
+def test_vae_defaults_come_from_vae_config(monkeypatch):
+    """The command line's defaults are VAEConfig's: a changed field changes the run the CLI builds."""
+    assert vae.config_from_args(vae.parse_args([])) == vae.VAEConfig()
+    monkeypatch.setattr(vae, "DEFAULTS", vae.VAEConfig(batch_size=32, epochs=3))
+    config = vae.config_from_args(vae.parse_args(["--epochs", "2"]))
+    assert (config.batch_size, config.epochs) == (32, 2)
 
 
 def assert_same_run(weights, other_weights, history, other_history, keys):
-    """Two trainings that should be the same run: bit-equal where the BLAS kernels round
-    alike (on the machines measured, they are), and within 1e-5 relative wherever a CPU's
-    kernels round a batched product differently. Another batch order or other eps draws
-    moves these numbers by about 1e-2, so the tolerance still tells a different run apart."""
+    """Two trainings that are the same run: bit-equal weights and histories."""
     for name in weights:
-        torch.testing.assert_close(weights[name], other_weights[name], rtol=1e-5, atol=1e-7)
+        assert torch.equal(weights[name], other_weights[name]), name
     for key in keys:
-        np.testing.assert_allclose(history[key], other_history[key], rtol=1e-5, err_msg=key)
-
-
-def test_vae_stack_numbers_do_not_depend_on_the_thread_count(vae_data_root):
-    """1 thread, 2 threads, or ThreadPicker's choice per epoch (64 steps: it probes both):
-    the same weights and losses, so choosing the faster count changes no number."""
-    train_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=True), limit=128)
-    test_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=False))
-
-    def run(threads):
-        models = []
-        for z_dim in (3, 20):
-            torch.manual_seed(0)
-            models.append(vae.VAE(z_dim))
-        histories = vae.train_stack(models, train_x, test_x, epochs=2, batch_size=2, threads=threads,
-                                    progress=False, log=None)
-        return histories, [m.state_dict() for m in models]
-
-    initial = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        runs = {threads: run(threads) for threads in (1, 2, None)}
-    finally:
-        torch.set_num_threads(initial)
-    assert torch.get_num_threads() == initial
-    (one, one_weights), (two, _) = runs[1], runs[2]
-    assert [h["threads"] for h in one] == [[1, 1]] * 2 and [h["threads"] for h in two] == [[2, 2]] * 2
-    assert all(set(h["threads"]) <= {1, 2} for h in runs[None][0])
-    for histories, weights in runs.values():
-        for k in range(2):
-            assert_same_run(weights[k], one_weights[k], histories[k], one[k], vae.HISTORY_KEYS)
+        assert history[key] == other_history[key], key
 
 
 # ------------------------------------------------------------------- data
@@ -2488,7 +2491,7 @@ def vae_sweep_run(data_root, out, figs, *z_dims, extra=()):
 
 @pytest.fixture(scope="module")
 def vae_sweep(vae_data_root, tmp_path_factory):
-    """A sweep of z_dims 20, 5 and 2 in two processes: 20 and 2 here, 5 in a spawned one."""
+    """A sweep of z_dims 20, 5 and 2, two processes at once."""
     out = tmp_path_factory.mktemp("vae_sweep")
     vae_sweep_run(vae_data_root, out, out / "figs", 20, 5, 2, extra=["--processes", "2", "--threads", "1"])
     return out
@@ -2496,9 +2499,7 @@ def vae_sweep(vae_data_root, tmp_path_factory):
 
 @pytest.mark.parametrize("z_dim", [20, 5])
 def test_sweep_vae_run_equals_a_lone_vae_run(z_dim, vae_sweep, vae_data_root, tmp_path):
-    """Stacking and processes change nothing for a model: the same init, batches, eps and float
-    rounding (batched matmuls are per-model GEMMs; each image's loss is summed by one thread).
-    z_dim 20 trained in a stack of two here, z_dim 5 alone in the spawned process."""
+    """A sweep runs vae.py's own training once per z_dim: the same model, bit for bit."""
     lone = tmp_path / "lone"
     proc = vae_in_process("--z-dim", z_dim, "--data-root", vae_data_root, "--out-dir", lone, "--figures-dir",
                           lone / "figs", "--epochs", "2", "--device", "cpu", "--threads", "1")
@@ -2518,7 +2519,7 @@ def test_sweep_vae_summary_and_figures(vae_sweep):
                 "threads", "strategy", "runs", "versions"):
         assert key in summary, key
     assert summary["kind"] == "sweep_vae" and summary["z_dims"] == [20, 5, 2] and summary["threads"] == 1
-    assert summary["processes"] == 2 and "20 2 / 5" in summary["strategy"]
+    assert summary["processes"] == 2 and "vae.train_model" in summary["strategy"]
     assert (summary["epochs"], summary["batch_size"], summary["lr"], summary["seed"]) == (2, 64, 1e-3, 0)
     assert (summary["n_train"], summary["n_test"]) == (VAE_N_TRAIN, VAE_N_TEST)
     for run in summary["runs"]:

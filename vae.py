@@ -1,15 +1,16 @@
 """Train the assignment's variational autoencoder on MNIST and render its figures.
 
 The model, loss and defaults are the assignment's (784-400-z encoder, z-400-784
-decoder, summed BCE + closed-form KL, Adam 1e-3, batch 64, 15 epochs); the
-training loop is faster: each split is preloaded once as one float tensor,
-batches are slices of a per-epoch shuffled copy, and the step's gradients are
-written by hand (vae_stack.py, checked against autograd by the tests).
+decoder, summed BCE + closed-form KL, Adam 1e-3, batch 64, 15 epochs), and so is
+each training step: model(x), loss_function, backward(), Adam. What is faster is
+around the step: each split is preloaded once as one float tensor, and batches
+are slices of a per-epoch shuffled copy. The defaults live in VAEConfig.
 
     python vae.py --data-root data --out-dir artifacts --figures-dir figures
     python vae.py --plot-only --out-dir artifacts --figures-dir figures
     python vae.py --plot-only --checkpoint model.pt     # a bare state_dict from the notebook
     python vae.py --limit 2000 --epochs 2            # a quick smoke run
+    python vae.py --threads 1                        # torch's CPU threads (default: torch's count)
 """
 import contextlib
 import dataclasses
@@ -27,7 +28,6 @@ import vae_figures as vf
 from labio import (ArgumentParser, UserError, add_common_args, atomic_path, check_can_create, load_mnist,
                    plan_outputs, positive_float, positive_int, resolve_device, run_main, versions,
                    write_json)
-from vae_stack import cb_log_normalizer, evaluate, kl_divergence, reconstruction_nll, train_stack  # noqa: F401
 
 IMAGE_PIXELS = 28 * 28
 HIDDEN = 400
@@ -40,13 +40,21 @@ LIKELIHOODS = ("bernoulli", "continuous-bernoulli")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 FIGURE_NAMES = ("vae_loss.png", "vae_reconstructions.png", "vae_samples.png",
                 "vae_latent.png", "vae_interpolation.png")
+# Below this |logit| the continuous-Bernoulli normalizer uses its Taylor series
+# (the closed form is 0/0 at logit 0, i.e. lambda = 0.5).
+CB_TAYLOR_WINDOW = 1e-2
+# The continuous Bernoulli's probabilities are clamped this far inside (0, 1) before
+# their logit is taken.
+CB_PROB_EPS = 1e-6
 
 
 # ------------------------------------------------------------------- config
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-    """One training run: what the CLI builds, what train() takes and what vae.pt stores."""
+    """One training run, and the one place its defaults live: what the CLI builds (its
+    flags default to these fields), what train_vae and sweep_vae.py read, and what
+    vae.pt stores. ``threads`` None: torch's own count."""
     z_dim: int = 20
     epochs: int = 15
     batch_size: int = 64
@@ -91,7 +99,8 @@ _CONFIG_CHECKS = {
 
 # -------------------------------------------------------------------- model
 # Class, attribute and layer names are the assignment's, so that its
-# state_dicts load here and ours load there.
+# state_dicts load here and ours load there. Training runs through forward()
+# and loss_function below: edit them and that is what trains.
 
 class Encoder(nn.Module):
     def __init__(self, z_dim):
@@ -113,12 +122,8 @@ class Decoder(nn.Module):
         self.fc3 = nn.Linear(z_dim, HIDDEN)
         self.fc4 = nn.Linear(HIDDEN, IMAGE_PIXELS)
 
-    def logits(self, z):
-        """Pre-sigmoid outputs: the loss is computed from these, for speed and stability."""
-        return self.fc4(F.relu(self.fc3(z)))
-
     def forward(self, z):
-        return torch.sigmoid(self.logits(z))
+        return torch.sigmoid(self.fc4(F.relu(self.fc3(z))))
 
 
 class VAE(nn.Module):
@@ -129,28 +134,24 @@ class VAE(nn.Module):
         self.decoder = Decoder(z_dim)
 
     @staticmethod
-    def reparameterize(mu, logvar, generator=None):
+    def reparameterize(mu, logvar):
         """z = mu + std * eps with std = exp(0.5 logvar), eps ~ N(0, I)."""
         std = torch.exp(0.5 * logvar)
-        if generator is None:
-            eps = torch.randn_like(std)
-        else:
-            eps = torch.randn(std.shape, generator=generator, device=std.device, dtype=std.dtype)
+        eps = torch.randn_like(std)
         return mu + eps * std
 
-    def forward_logits(self, x, generator=None):
-        mu, logvar = self.encoder(x)
-        z = self.reparameterize(mu, logvar, generator)
-        return self.decoder.logits(z), mu, logvar
-
     def forward(self, x):
-        logits, mu, logvar = self.forward_logits(x)
-        return torch.sigmoid(logits), mu, logvar
+        mu, logvar = self.encoder(x)
+        z = self.reparameterize(mu, logvar)
+        return self.decoder(z), mu, logvar
 
 
 # --------------------------------------------------------------------- loss
-# kl_divergence, cb_log_normalizer, reconstruction_nll and evaluate live in
-# vae_stack, beside the hand-written gradients that must agree with them.
+
+def kl_divergence(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, I)) in closed form, summed over the batch."""
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+
 
 def loss_function(recon_x, x, mu, logvar):
     """The assignment's loss: summed binary cross-entropy + KL divergence."""
@@ -159,13 +160,58 @@ def loss_function(recon_x, x, mu, logvar):
     return bce + kl_divergence(mu, logvar)
 
 
-def loss_from_logits(logits, x, mu, logvar, likelihood="bernoulli"):
-    """Same value as ``loss_function(sigmoid(logits), x, mu, logvar)``, computed stably.
+def cb_log_normalizer(logits):
+    """log C(lambda) of the continuous Bernoulli (Loaiza-Ganem & Cunningham, 2019), lambda = sigmoid(logits).
 
-    ``continuous-bernoulli`` subtracts the summed log-normalizer, making the
-    reconstruction term a proper log-density of pixels in [0, 1].
+    C(lambda) = 2 artanh(1 - 2 lambda) / (1 - 2 lambda), and with lambda = sigmoid(l),
+    1 - 2 lambda = -tanh(l / 2) and artanh(1 - 2 lambda) = -l / 2, so C = l / tanh(l / 2):
+    no log of a difference of probabilities, finite for any logit. At l = 0 (lambda = 0.5)
+    that is 0/0 with limit 2, so a small window uses the series
+    u / tanh(u) = 1 + u^2/3 - u^4/45 (u = l/2). The unused branch gets a harmless input
+    so that no NaN leaks into the gradient through torch.where.
     """
-    return reconstruction_nll(logits, x.reshape(logits.shape), likelihood) + kl_divergence(mu, logvar)
+    small = logits.abs() < CB_TAYLOR_WINDOW
+    safe = torch.where(small, torch.ones_like(logits), logits)
+    exact = torch.log(safe / torch.tanh(0.5 * safe))
+    u2 = (0.5 * logits).pow(2)
+    series = math.log(2.0) + torch.log1p(u2 / 3 - u2.pow(2) / 45)
+    return torch.where(small, series, exact)
+
+
+def vae_loss(recon_x, x, mu, logvar, likelihood="bernoulli"):
+    """The loss that trains and tests: loss_function, and for the continuous Bernoulli
+    minus the summed log-normalizer of the decoder's outputs, which makes the
+    reconstruction term a proper log-density of pixels in [0, 1]."""
+    loss = loss_function(recon_x, x, mu, logvar)
+    if likelihood == "continuous-bernoulli":
+        # Clamped so that a saturated sigmoid (exactly 0 or 1 in float32) keeps a finite logit.
+        loss = loss - cb_log_normalizer(torch.logit(recon_x, eps=CB_PROB_EPS)).sum()
+    return loss
+
+
+@torch.no_grad()
+def evaluate(model, images, *, batch_size=1000, likelihood="bernoulli", seed=0):
+    """(reconstruction term, KL term) per image of ``model`` on ``images``: the loss of
+    model(x) as vae_loss computes it, minus its KL term.
+
+    The eps come from torch's generator seeded with ``seed`` inside fork_rng, so the
+    same model and seed give the same numbers, and evaluating never shifts a
+    training run's draws.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    kl = torch.zeros((), dtype=torch.float64, device=device)
+    with torch.random.fork_rng(devices=[] if device.type != "cuda" else None):
+        torch.manual_seed(seed)
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size].to(device, non_blocking=True)
+            recon_x, mu, logvar = model(x)
+            total += vae_loss(recon_x, x, mu, logvar, likelihood)
+            kl += kl_divergence(mu, logvar)
+    model.train(was_training)
+    return (total - kl).item() / len(images), kl.item() / len(images)
 
 
 # --------------------------------------------------------------------- data
@@ -184,22 +230,109 @@ def preload(dataset, limit=None):
 
 # ----------------------------------------------------------------- training
 
-def train_vae(model, train_x, test_x=None, *, epochs=15, batch_size=64, lr=1e-3, seed=0,
-              likelihood="bernoulli", progress=True, log=print, threads=None):
-    """Train ``model`` in place; return its history (lists, one entry per epoch):
-    ``train_loss``, and with ``test_x`` ``test_loss`` = ``test_recon`` + ``test_kl``;
-    ``seconds`` and ``threads`` per epoch (``threads`` None: the faster of 1 and
-    torch's count, chosen each epoch). See vae_stack.train_stack, which does the work.
+def adam(parameters, lr):
+    """torch.optim.Adam, with its fused kernel where this build has one for the
+    parameters' device (Adam refuses fused=True otherwise, and the plain one runs)."""
+    parameters = list(parameters)
+    try:
+        return torch.optim.Adam(parameters, lr=lr, fused=True)
+    except RuntimeError:
+        return torch.optim.Adam(parameters, lr=lr)
 
+
+def train_vae(model, train_x, test_x=None, config=None, *, progress=True, log=print, **overrides):
+    """Train ``model`` in place as ``config`` says (a VAEConfig, by default VAEConfig();
+    keyword ``overrides`` such as epochs=2 replace its fields) and return its history:
+    lists with one entry per epoch of ``train_loss``, with ``test_x`` ``test_loss`` =
+    ``test_recon`` + ``test_kl`` (see evaluate, seeded with the config's seed), and
+    ``seconds`` and ``threads`` (torch's thread count).
+
+    Each step is the assignment's: recon_x, mu, logvar = model(x), then
+    loss_function (through vae_loss), backward() and an Adam step. The batches are
+    slices of a per-epoch shuffled copy of ``train_x`` (a generator seeded with
+    ``seed``); the eps come from torch's generator, seeded here with ``seed + 1``.
     Each train loss is the epoch's summed loss divided by the number of training
     images (the assignment divided by len(loader) * batch_size = 60032 instead).
     A non-finite epoch loss stops training with a UserError.
     """
-    try:
-        return train_stack([model], train_x, test_x, epochs=epochs, batch_size=batch_size, lr=lr,
-                           seed=seed, likelihood=likelihood, progress=progress, log=log, threads=threads)[0]
-    except FloatingPointError as exc:
-        raise UserError(f"{exc}; lower --lr") from None
+    from tqdm import tqdm
+
+    config = dataclasses.replace(config or VAEConfig(), **overrides)
+    device = next(model.parameters()).device
+    optimizer = adam(model.parameters(), config.lr)
+    shuffler = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed + 1)
+    train_x = train_x.to(device)
+    n, batch_size = len(train_x), config.batch_size
+    steps = math.ceil(n / batch_size)
+    history = {key: [] for key in (*HISTORY_KEYS, "seconds", "threads")}
+    model.train()
+    for epoch in range(1, config.epochs + 1):
+        start = time.perf_counter()
+        shuffled = train_x[torch.randperm(n, generator=shuffler).to(device)]
+        # Summed on the device and read once per epoch: a per-step .item() would
+        # force a synchronization on a GPU.
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False,
+                   disable=None if progress else True)
+        for step in range(steps):
+            x = shuffled[step * batch_size:(step + 1) * batch_size]
+            recon_x, mu, logvar = model(x)
+            try:
+                loss = vae_loss(recon_x, x, mu, logvar, config.likelihood)
+            except RuntimeError:   # binary_cross_entropy refuses NaN probabilities
+                if torch.isfinite(recon_x).all():
+                    raise
+                raise UserError(f"loss became non-finite at epoch {epoch}; lower --lr") from None
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            if not bar.disable and (step + 1) % 50 == 0:
+                bar.update(50)
+        bar.close()
+        history["seconds"].append(time.perf_counter() - start)
+        history["threads"].append(torch.get_num_threads())
+        history["train_loss"].append(total.item() / n)
+        if test_x is not None:
+            recon, kl = evaluate(model, test_x, likelihood=config.likelihood, seed=config.seed)
+            history["test_recon"].append(recon)
+            history["test_kl"].append(kl)
+            history["test_loss"].append(recon + kl)
+        last = [history[key][-1] for key in ("train_loss", "test_loss") if history[key]]
+        if not all(map(math.isfinite, last)):
+            raise UserError(f"loss became non-finite at epoch {epoch}; lower --lr")
+        if log is not None:
+            log(epoch_line(epoch, config.epochs, history))
+    return history
+
+
+def epoch_line(epoch, epochs, history, label=None):
+    """One log line per epoch: the train (and test) loss, then the epoch's time and threads."""
+    line = f"epoch {epoch:2d}/{epochs}  " + (f"{label}: " if label else "")
+    line += f"train loss {history['train_loss'][epoch - 1]:8.3f}"
+    if history["test_loss"]:
+        line += f"  test loss {history['test_loss'][epoch - 1]:8.3f}"
+    threads = history["threads"][epoch - 1]
+    return line + f"  {history['seconds'][epoch - 1]:5.2f} s, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def train_model(config, train_x, test_x, *, log=print, progress=True):
+    """(model, history, run): a VAE(config.z_dim) initialised with torch seeded by the
+    config's seed and trained by train_vae on torch's threads (``config.threads`` sets
+    them); ``run`` says what the run was (n_train, n_test, device, threads, epoch
+    threads, seconds). What `vae.py` trains, and `sweep_vae.py` once per z_dim."""
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)  # the init
+    model = VAE(config.z_dim).to(device)
+    start = time.perf_counter()
+    history = train_vae(model, train_x, test_x.to(device), config, log=log, progress=progress)
+    seconds = time.perf_counter() - start
+    run = {"n_train": len(train_x), "n_test": len(test_x), "device": str(device),
+           "threads": torch.get_num_threads(), "epoch_threads": history["threads"], "seconds": seconds}
+    return model, history, run
 
 
 # --------------------------------------------------------------- checkpoint
@@ -400,6 +533,9 @@ def report_figures(written):
 
 # ---------------------------------------------------------------------- CLI
 
+DEFAULTS = VAEConfig()
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", default="artifacts", help="where vae.pt and vae_metrics.json go (OUT)")
@@ -410,24 +546,24 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=None,
                    help="with --plot-only: the checkpoint to render, vae.py's or a bare state_dict "
                         "of the assignment's VAE (default: OUT/vae.pt)")
-    p.add_argument("--epochs", type=positive_int, default=15, help="passes over the training set")
+    p.add_argument("--epochs", type=positive_int, default=DEFAULTS.epochs, help="passes over the training set")
     p.add_argument("--z-dim", type=positive_int, default=None,
-                   help="latent size (default: 20 when training, the checkpoint's with --plot-only)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per Adam step")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+                   help=f"latent size (default: {DEFAULTS.z_dim} when training, the checkpoint's with --plot-only)")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULTS.batch_size, help="images per Adam step")
+    p.add_argument("--lr", type=positive_float, default=DEFAULTS.lr, help="Adam learning rate")
     add_common_args(
         p, "data_root", "device", "seed", "limit",
-        data_root=dict(default=None, help="torchvision MNIST root (DATA); default: 'data', or with "
-                                          "--plot-only the checkpoint's"),
-        seed=dict(help="seeds the init, the shuffles, eps and the sample grid (with --plot-only: "
-                       "the sample grid of a bare state_dict)"),
+        data_root=dict(default=None, help=f"torchvision MNIST root (DATA); default: {DEFAULTS.data_root!r}, or "
+                                          "with --plot-only the checkpoint's"),
+        device=dict(default=DEFAULTS.device),
+        seed=dict(default=DEFAULTS.seed, help="seeds the init, the shuffles, eps and the sample grid (with "
+                                              "--plot-only: the sample grid of a bare state_dict)"),
         limit=dict(help="use only the first N images of each split (default: all; with --plot-only "
                         "the checkpoint's)"))
-    p.add_argument("--likelihood", choices=LIKELIHOODS, default="bernoulli",
+    p.add_argument("--likelihood", choices=LIKELIHOODS, default=DEFAULTS.likelihood,
                    help="bernoulli = the assignment's BCE; continuous-bernoulli adds its log-normalizer")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="CPU threads (default: each epoch, the faster of 1 and all cores, timed on its "
-                        "first steps; the numbers do not depend on it)")
+    p.add_argument("--threads", type=positive_int, default=DEFAULTS.threads,
+                   help="CPU threads torch trains on (torch.set_num_threads; default: torch's own count)")
     args = p.parse_args(argv)
     if args.checkpoint is not None and not args.plot_only:
         p.error("--checkpoint is read only with --plot-only (training writes OUT/vae.pt)")
@@ -445,7 +581,7 @@ def plot_only(args):
     check_can_create(args.figures_dir)
     model, ckpt = load_checkpoint(path, args.z_dim)
     if ckpt is None:     # a bare state_dict: no config, no history
-        config = VAEConfig(z_dim=model.z_dim, seed=args.seed)
+        config = dataclasses.replace(DEFAULTS, z_dim=model.z_dim, seed=args.seed)
         history, title = None, f"VAE, z_dim {model.z_dim}, from a bare state_dict"
     else:
         config = VAEConfig.from_dict(ckpt["config"])
@@ -470,21 +606,12 @@ def train(config, out_dir, figures_dir):
     plan_outputs([metrics, checkpoint, *figure_paths(figures_dir)])
     print(f"VAE z_dim {config.z_dim}, {len(train_x)} train / {len(test_x)} test images, "
           f"{config.epochs} epochs, batch {config.batch_size}, lr {config.lr}, {config.likelihood}, "
-          f"{device}, {config.threads or f'1 or {torch.get_num_threads()}'} threads")
-    torch.manual_seed(config.seed)  # the init
-    model = VAE(config.z_dim).to(device)
-    start = time.perf_counter()
-    history = train_vae(model, train_x, test_x.to(device), epochs=config.epochs,
-                        batch_size=config.batch_size, lr=config.lr, seed=config.seed,
-                        likelihood=config.likelihood, threads=config.threads)
-    seconds = time.perf_counter() - start
-    run = {"n_train": len(train_x), "n_test": len(test_x), "device": str(device),
-           "threads": config.threads or torch.get_num_threads(), "epoch_threads": history["threads"],
-           "seconds": seconds}
+          f"{device}, {config.threads or torch.get_num_threads()} threads")
+    model, history, run = train_model(config, train_x, test_x)
     write_json(metrics, {**{key: history[key][-1] for key in HISTORY_KEYS},
                          **{f"{key}_per_epoch": history[key] for key in HISTORY_KEYS},
                          "epoch_seconds": [round(t, 3) for t in history["seconds"]],
-                         **dict(run, seconds=round(seconds, 3)), "epochs": config.epochs,
+                         **dict(run, seconds=round(run["seconds"], 3)), "epochs": config.epochs,
                          "z_dim": config.z_dim, "likelihood": config.likelihood,
                          "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
                          "versions": versions()})
@@ -497,10 +624,11 @@ def train(config, out_dir, figures_dir):
 
 
 def config_from_args(args):
-    """The run the command line asks for (None flags take their training defaults)."""
-    return VAEConfig(z_dim=args.z_dim or 20, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                     seed=args.seed, likelihood=args.likelihood, data_root=args.data_root or "data",
-                     limit=args.limit, device=args.device, threads=args.threads)
+    """The run the command line asks for: VAEConfig's defaults, replaced by the flags given."""
+    flags = dict(z_dim=args.z_dim, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                 likelihood=args.likelihood, data_root=args.data_root, limit=args.limit, device=args.device,
+                 threads=args.threads)
+    return dataclasses.replace(DEFAULTS, **{k: v for k, v in flags.items() if v is not None})
 
 
 def main(argv=None):
