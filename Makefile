@@ -19,6 +19,7 @@ BOOTSTRAP ?= python3## the Python that creates .venv
 check_path   = $(if $(filter-out 1,$(words $($(1)))),$(error $(1)='$($(1))' must be one path, without spaces))
 $(foreach v,DATA OUT FIGURES REPORT,$(call check_path,$(v)))
 REQS      := requirements.txt requirements-dev.txt
+LAB       := $(wildcard lab/*.py)# the support package every script imports
 # Scripts depend on the venv only when it is the interpreter in use.
 SETUP     := $(if $(filter $(VENV)/bin/python,$(PYTHON)),$(VENV)/.installed)
 LIMIT_ARG := $(if $(strip $(LIMIT)),--limit $(strip $(LIMIT)))
@@ -70,7 +71,7 @@ features: $(FEATURES_MAT) ## ResNet-50 avgpool features of MNIST train and test
 # the other, so `make -j2 features` extracts both at once.
 EXTRACT_FEATURES = $(PYTHON) extract_features.py --data-root $(DATA) --out-dir $(OUT) \
   --weights $(WEIGHTS) --device $(DEVICE) --dtype $(DTYPE) $(LIMIT_ARG) $(THREADS_ARG)
-FEATURES_DEPS    := extract_features.py labio.py $(SETUP)
+FEATURES_DEPS    := extract_features.py $(LAB) $(SETUP)
 
 $(OUT)/mnist_train.mat: $(FEATURES_DEPS) $(call stale,$(OUT)/mnist_train.mat,$(FEATURES_SETTINGS))
 	$(EXTRACT_FEATURES) --split train
@@ -82,7 +83,7 @@ $(OUT)/mnist_test.mat: $(FEATURES_DEPS) $(call stale,$(OUT)/mnist_test.mat,$(FEA
 
 logreg: $(OUT)/logreg.npz ## logistic regression + ROC on the features (and its figures)
 
-$(OUT)/logreg.npz: logreg.py roc.py labio.py $(FEATURES_MAT) $(SETUP)
+$(OUT)/logreg.npz: logreg.py $(LAB) $(FEATURES_MAT) $(SETUP)
 	$(PYTHON) logreg.py --train-mat $(OUT)/mnist_train.mat --test-mat $(OUT)/mnist_test.mat \
 	  --out-dir $(OUT) --figures-dir $(FIGURES)
 
@@ -98,15 +99,15 @@ sweep-logreg: $(OUT)/sweep_logreg.json $(FIGURES)/sweep_logreg.png ## batch size
 # Its settings record re-runs the sweep when a SWEEP_* variable changes.
 SWEEP_LOGREG_SETTINGS = SWEEP_BATCH=$(SWEEP_BATCH) SWEEP_LR=$(SWEEP_LR) SWEEP_EPOCHS=$(SWEEP_EPOCHS) SWEEP_MODE=$(SWEEP_MODE)
 
-$(OUT)/sweep_logreg.json: sweep_logreg.py logreg.py roc.py labio.py $(FEATURES_MAT) $(SETUP) \
+$(OUT)/sweep_logreg.json: experiments/sweep_logreg.py logreg.py $(LAB) $(FEATURES_MAT) $(SETUP) \
                           $(call stale,$(OUT)/sweep_logreg.json,$(SWEEP_LOGREG_SETTINGS))
-	$(PYTHON) sweep_logreg.py --train-mat $(OUT)/mnist_train.mat --test-mat $(OUT)/mnist_test.mat \
+	$(PYTHON) -m experiments.sweep_logreg --train-mat $(OUT)/mnist_train.mat --test-mat $(OUT)/mnist_test.mat \
 	  --out-dir $(OUT) --figures-dir $(FIGURES) --batch-sizes $(SWEEP_BATCH) --lrs $(SWEEP_LR) \
 	  --epochs $(SWEEP_EPOCHS) --mode $(SWEEP_MODE)
 	$(call save,$(SWEEP_LOGREG_SETTINGS))
 
 $(FIGURES)/sweep_logreg.png: $(OUT)/sweep_logreg.json
-	$(PYTHON) sweep_logreg.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES)
+	$(PYTHON) -m experiments.sweep_logreg --plot-only --out-dir $(OUT) --figures-dir $(FIGURES)
 
 vae: $(OUT)/vae.pt ## train the VAE, 15 epochs (and its figures)
 
@@ -114,7 +115,7 @@ vae: $(OUT)/vae.pt ## train the VAE, 15 epochs (and its figures)
 # a vae.pt is always complete, so an interrupt while the figures are drawn keeps
 # it (.PRECIOUS), and the figures' rule below redoes only them.
 .PRECIOUS: $(OUT)/vae.pt
-$(OUT)/vae.pt: vae.py labio.py $(SETUP) $(call stale,$(OUT)/vae.pt,$(VAE_SETTINGS))
+$(OUT)/vae.pt: vae.py $(LAB) $(SETUP) $(call stale,$(OUT)/vae.pt,$(VAE_SETTINGS))
 	$(PYTHON) vae.py --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
 	  --device $(DEVICE) $(LIMIT_ARG) $(THREADS_ARG)
 	$(call save,$(VAE_SETTINGS))
@@ -130,30 +131,30 @@ sweep-vae: $(OUT)/sweep_vae.json $(SWEEP_VAE_FIGS) ## one VAE per z_dim in ZDIMS
 # (the target), then the figures, which their own rule redoes from those files.
 SWEEP_VAE_SETTINGS = $(VAE_SETTINGS) ZDIMS=$(ZDIMS)
 .PRECIOUS: $(OUT)/sweep_vae.json
-$(OUT)/sweep_vae.json: sweep_vae.py vae.py labio.py $(SETUP) \
+$(OUT)/sweep_vae.json: experiments/sweep_vae.py vae.py $(LAB) $(SETUP) \
                        $(call stale,$(OUT)/sweep_vae.json,$(SWEEP_VAE_SETTINGS))
-	$(PYTHON) sweep_vae.py --z-dims $(ZDIMS) --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
+	$(PYTHON) -m experiments.sweep_vae --z-dims $(ZDIMS) --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
 	  --device $(DEVICE) $(LIMIT_ARG) $(THREADS_ARG)
 	$(call save,$(SWEEP_VAE_SETTINGS))
 
-$(SWEEP_VAE_FIGS) &: $(OUT)/sweep_vae.json vae_figures.py
-	$(PYTHON) sweep_vae.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES) --data-root $(DATA)
+$(SWEEP_VAE_FIGS) &: $(OUT)/sweep_vae.json lab/vae_figures.py
+	$(PYTHON) -m experiments.sweep_vae --plot-only --out-dir $(OUT) --figures-dir $(FIGURES) --data-root $(DATA)
 
 figures: $(LOGREG_FIGS) $(VAE_FIGS) ## re-render every figure from saved results, no retraining
 
 $(LOGREG_FIGS) &: $(OUT)/logreg.npz
 	$(PYTHON) logreg.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES)
 
-$(VAE_FIGS) &: $(OUT)/vae.pt vae_figures.py
+$(VAE_FIGS) &: $(OUT)/vae.pt lab/vae_figures.py
 	$(PYTHON) vae.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES) --data-root $(DATA)
 
 report: $(REPORT) ## one page with every result and figure, read from the saved artifacts
 
 # The sweeps' JSON files are shown when they exist; `make sweep` refreshes the report after them.
-$(REPORT): report.py labio.py $(FEATURES_MAT) $(OUT)/logreg.npz $(OUT)/vae.pt $(LOGREG_FIGS) $(VAE_FIGS) \
+$(REPORT): experiments/report.py $(LAB) $(FEATURES_MAT) $(OUT)/logreg.npz $(OUT)/vae.pt $(LOGREG_FIGS) $(VAE_FIGS) \
            $(wildcard $(OUT)/sweep_logreg.json $(OUT)/sweep_vae.json $(FIGURES)/sweep_*.png $(FIGURES)/vae_*_2d.png) \
            $(SETUP)
-	$(PYTHON) report.py --out-dir $(OUT) --figures-dir $(FIGURES) --report $@
+	$(PYTHON) -m experiments.report --out-dir $(OUT) --figures-dir $(FIGURES) --report $@
 
 sweep: sweep-logreg sweep-vae ## both sweeps (batch size x lr, and z_dim), then the report
 	@$(MAKE) --no-print-directory report
@@ -162,7 +163,7 @@ test: $(SETUP) ## run the test suite (python test_all.py)
 	$(PYTHON) test_all.py
 
 bench: $(FEATURES_MAT) $(SETUP) ## speed ratios against reference implementations, measured in one run
-	$(PYTHON) bench.py --data-root $(DATA) --out-dir $(OUT) --profile
+	$(PYTHON) -m tools.bench --data-root $(DATA) --out-dir $(OUT) --profile
 
 OUT_FILES := mnist_train.mat mnist_test.mat logreg.npz logreg_metrics.json vae.pt vae_metrics.json \
              sweep_logreg.json sweep_vae.json

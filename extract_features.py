@@ -31,9 +31,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import ResNet50_Weights, resnet50
 from tqdm import tqdm
 
-from labio import (ArgumentParser, UserError, add_common_args, atomic_path, check_can_create,
-                   cpu_model_and_flags, first_non_finite, load_mnist, plan_outputs, positive_int, resolve_device, run_main,
-                   versions)
+from lab.cli import ArgumentParser, UserError, add_common_args, positive_int, run_main
+from lab.files import atomic_path, check_can_create, first_non_finite, plan_outputs
+from lab.machine import cpu_model_and_flags, resolve_device, versions
+from lab.mnist import load_mnist
 
 FEATURE_DIM = 2048
 PREPROCESSING = "Grayscale(3) -> ToTensor -> Normalize(mean=0.5, std=0.5)"

@@ -23,17 +23,19 @@ import zipfile
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-import labio
+import lab.cli
 
 if __name__ == "__main__":   # before numpy loads: the BLAS thread count is read then
-    labio.one_blas_thread_unless_set()
+    lab.cli.one_blas_thread_unless_set()
 
 import numpy as np  # noqa: E402
 
-from labio import (ArgumentParser, UserError, add_common_args, atomic_path, check_can_create,  # noqa: E402
-                   ensure_writable_dir, nonnegative_float, plan_outputs, positive_float, positive_int, pyplot,
-                   run_main, save_figure, versions, write_json)
-from roc import auc, multiclass_roc, roc_curve  # noqa: E402,F401  (logreg.roc_curve etc. stay importable)
+from lab.cli import (ArgumentParser, UserError, add_common_args, nonnegative_float, positive_float,  # noqa: E402
+                     positive_int, run_main)
+from lab.files import atomic_path, check_can_create, ensure_writable_dir, plan_outputs, write_json  # noqa: E402
+from lab.machine import versions  # noqa: E402
+from lab.plots import pyplot, save_figure  # noqa: E402
+from lab.roc import auc, multiclass_roc, roc_curve  # noqa: E402,F401  (logreg.roc_curve etc. stay importable)
 
 NUM_CLASSES = 10
 METADATA_KEYS = ("weights", "weights_kind", "pretrained", "preprocessing", "image_size", "dtype",

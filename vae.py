@@ -24,10 +24,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import vae_figures as vf
-from labio import (ArgumentParser, UserError, add_common_args, atomic_path, check_can_create, load_mnist,
-                   plan_outputs, positive_float, positive_int, resolve_device, run_main, versions,
-                   write_json)
+from lab import vae_figures as vf
+from lab.cli import ArgumentParser, UserError, add_common_args, positive_float, positive_int, run_main
+from lab.files import atomic_path, check_can_create, plan_outputs, write_json
+from lab.machine import resolve_device, versions
+from lab.mnist import load_mnist
 
 IMAGE_PIXELS = 28 * 28
 HIDDEN = 400

@@ -21,9 +21,11 @@ import time
 import torch
 
 import vae
-import vae_figures as vf
-from labio import (ArgumentParser, UserError, add_common_args, check_can_create, load_mnist, plan_outputs,
-                   positive_float, positive_int, read_json, resolve_device, run_main, versions, write_json)
+from lab import vae_figures as vf
+from lab.cli import ArgumentParser, UserError, add_common_args, positive_float, positive_int, run_main
+from lab.files import check_can_create, plan_outputs, read_json, write_json
+from lab.machine import resolve_device, versions
+from lab.mnist import load_mnist
 
 SUMMARY_NAME = "sweep_vae.json"
 CHECKPOINT_DIR = "sweep_vae"      # under OUT: one vae.py checkpoint per z_dim

@@ -11,8 +11,9 @@ with the command that runs it.
 import datetime
 import os
 
-from labio import (ISA_FLAGS, ArgumentParser, UserError, atomic_path, check_can_write_file, cpu_model_and_flags,
-                   read_json, run_main)
+from lab.cli import ArgumentParser, UserError, run_main
+from lab.files import atomic_path, check_can_write_file, read_json
+from lab.machine import ISA_FLAGS, cpu_model_and_flags
 
 # The assignment's published numbers, shown beside ours for comparison.
 ASSIGNMENT_ACCURACY = 0.9705          # logistic regression on pretrained ResNet-50 features

@@ -26,18 +26,19 @@ import queue
 import signal
 import time
 
-import labio
+import lab.cli
 
 if __name__ == "__main__":   # before numpy loads: the BLAS thread count is read then
-    labio.one_blas_thread_unless_set()
+    lab.cli.one_blas_thread_unless_set()
 
 import logreg  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from labio import (ArgumentParser, UserError, read_json, add_common_args, check_can_create, ensure_writable_dir,  # noqa: E402
-                   plan_outputs, positive_float, positive_int, pyplot, run_main, save_figure, versions,
-                   write_json)
+from lab.cli import ArgumentParser, UserError, add_common_args, positive_float, positive_int, run_main  # noqa: E402
+from lab.files import check_can_create, ensure_writable_dir, plan_outputs, read_json, write_json  # noqa: E402
+from lab.machine import versions  # noqa: E402
+from lab.plots import pyplot, save_figure  # noqa: E402
 
 GRID_DEFAULTS = {"batch_size": [16, 64, 256, 1024], "lr": [1e-4, 1e-3, 1e-2, 1e-1]}
 EPOCHS, VAL_FRACTION = 20, 0.1

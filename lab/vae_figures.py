@@ -6,7 +6,8 @@ draw is computed by the scripts from their trained models.
 """
 import torch
 
-from labio import atomic_path, pyplot, save_figure
+from lab.files import atomic_path
+from lab.plots import pyplot, save_figure
 
 DIGIT_COLOURS = dict(cmap="tab10", vmin=-0.5, vmax=9.5)
 

@@ -22,12 +22,13 @@ import torch
 
 import extract_features as ef
 import logreg
-import sweep_logreg
-import sweep_vae
+from experiments import sweep_logreg
+from experiments import sweep_vae
 import vae
-from labio import ISA_FLAGS, ArgumentParser, UserError, cpu_model_and_flags, run_main
+from lab.cli import ArgumentParser, UserError, run_main
+from lab.machine import ISA_FLAGS, cpu_model_and_flags
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the checkout
 
 # The assignment's logistic-regression loop is timed for this many epochs (the
 # issue's reference point: 200 epochs, about 2 to 3 minutes on a 2-core CPU).
@@ -155,13 +156,8 @@ def whole_process(data_root):
     """`extract_features.py --split train --weights none` as a user runs it, start
     (interpreter launch) to finish (.mat written): (img/s, seconds, n)."""
     with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, os.path.join(HERE, "extract_features.py"), "--split", "train",
-                               "--weights", "none", "--device", "cpu", "--data-root", data_root,
-                               "--out-dir", out], capture_output=True, text=True)
-        seconds = time.perf_counter() - start
-        if proc.returncode:
-            raise UserError(f"extract_features.py failed: {proc.stderr.strip().splitlines()[-1]}")
+        seconds = timed_process("extract_features.py", "--split", "train", "--weights", "none", "--device", "cpu",
+                                "--data-root", data_root, "--out-dir", out)
         n = sio.loadmat(os.path.join(out, "mnist_train.mat"), variable_names=["labels"])["labels"].size
     return n / seconds, seconds, n
 
@@ -237,17 +233,24 @@ def _sklearn(X, y, X_te, y_te):
     return time.perf_counter() - start, accuracy, int(np.max(model.n_iter_))
 
 
-def _process(script, out_dir, *args):
-    """``python script args`` as a user runs it, start to finish (imports, loading, training,
-    outputs, figures); its own BLAS thread setting applies. Returns the wall seconds."""
-    cmd = [sys.executable, os.path.join(HERE, script), "--no-progress", "--out-dir", out_dir,
-           "--figures-dir", os.path.join(out_dir, "figures"), *map(str, args)]
+def timed_process(script, *args):
+    """Wall seconds of ``script args`` run as a user runs it from the checkout (a top-level
+    script by its path, an experiment as a module): start, imports, data, work, files."""
+    command = ([sys.executable, "-m", script] if script.startswith("experiments.")
+               else [sys.executable, os.path.join(ROOT, script)])
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run([*command, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        raise UserError(f"{script} failed in the bench: {proc.stderr.strip()}")
+        raise UserError(f"{script} failed in the bench: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     return seconds
+
+
+def _process(script, out_dir, *args):
+    """``script args`` as a user runs it, start to finish (imports, loading, training,
+    outputs, figures); its own BLAS thread setting applies. Returns the wall seconds."""
+    return timed_process(script, "--no-progress", "--out-dir", out_dir,
+                         "--figures-dir", os.path.join(out_dir, "figures"), *args)
 
 
 def _logreg_process(train_mat, test_mat, out_dir, *flags):
@@ -314,7 +317,7 @@ def bench_sweep_logreg(train_mat, test_mat):
     *_, data = _describe(train_mat, test_mat)
     grid, epochs, val_fraction = sweep_logreg.GRID_DEFAULTS, sweep_logreg.EPOCHS, sweep_logreg.VAL_FRACTION
     with tempfile.TemporaryDirectory() as tmp:
-        sweep_s = _process("sweep_logreg.py", os.path.join(tmp, "sweep"), "--train-mat", train_mat,
+        sweep_s = _process("experiments.sweep_logreg", os.path.join(tmp, "sweep"), "--train-mat", train_mat,
                            "--test-mat", test_mat)
         with open(os.path.join(tmp, "sweep", sweep_logreg.JSON_NAME)) as f:
             sweep = json.load(f)
@@ -393,19 +396,6 @@ def vae_interleaved_epochs(data_root, epochs, seed, threads):
     return (history["train_loss"], history["seconds"]), tuple(map(list, zip(*theirs)))
 
 
-def timed_process(script, *args):
-    """Wall time of ``python script args`` as a user runs it: start, imports, data, work, files."""
-    import subprocess
-
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.join(HERE, script), *map(str, args)],
-                          cwd=HERE, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise UserError(f"{script} failed in the bench: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
-    return seconds
-
-
 def vae_processes(data_root, epochs):
     """(seconds of one `vae.py`, seconds of one default `sweep_vae.py`), both whole processes
     with the same data, epochs and threads, one after the other."""
@@ -414,7 +404,7 @@ def vae_processes(data_root, epochs):
     with tempfile.TemporaryDirectory() as tmp:
         common = ["--data-root", data_root, "--epochs", epochs, "--device", "cpu"]
         lone = timed_process("vae.py", *common, "--out-dir", f"{tmp}/vae", "--figures-dir", f"{tmp}/vae")
-        sweep = timed_process("sweep_vae.py", *common, "--out-dir", f"{tmp}/sweep", "--figures-dir", f"{tmp}/sweep")
+        sweep = timed_process("experiments.sweep_vae", *common, "--out-dir", f"{tmp}/sweep", "--figures-dir", f"{tmp}/sweep")
     return lone, sweep
 
 

@@ -1,0 +1,155 @@
+"""The scripts' command lines: one-line user errors, argument types and flags
+shared by every script, and ``run_main``, which turns a user error, an interrupt,
+a closed pipe or a lack of memory into one line on stderr.
+
+Free of heavy imports, so that the numpy-only classifier starts fast.
+"""
+import argparse
+import os
+import signal
+import sys
+
+
+def one_blas_thread_unless_set():
+    """Ask numpy's BLAS for one thread, unless the user set a count; only a script's
+    entry point calls this, before numpy loads, so importing a module changes nothing.
+
+    The classifier's mini-batch products are small (256 x 2048 x 10): a second
+    thread gains little, and when the cores are shared with other work every
+    product waits for it (on a 2-core VM with other jobs running, the default
+    logreg run took 7-8 s with one thread and 36-54 s with two). A sweep also
+    matches its lone runs bit for bit only when both use the same thread count.
+    """
+    for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, without a traceback."""
+
+
+def _is_out_of_memory(exc):
+    # torch reports a failed CPU allocation as a RuntimeError, a CUDA one as its OutOfMemoryError.
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def run_main(main):
+    """Run ``main()`` as a command: a user error, a closed output pipe or a lack of
+    memory becomes one line on stderr, never a traceback.
+
+    Once some outputs exist, the line also says which were completed, so that it
+    matches what is left on disk. SIGTERM and SIGHUP are turned into an exception
+    so that ``atomic_path`` can clean up its temporary file on ``kill`` or a closed
+    terminal just as it does on Ctrl-C. Only the first signal counts: make
+    forwards its SIGTERM to the script, and that second one must not break the cleanup.
+    """
+    stops = [signal.SIGTERM, signal.SIGHUP]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # not when started with it ignored
+        stops.append(signal.SIGINT)
+
+    def _terminate(signum, frame):
+        for sig in stops:
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    for sig in stops:
+        signal.signal(sig, _terminate)
+    from lab import files       # here, not at the top: lab.files imports UserError from this module
+
+    prog = os.path.basename(sys.argv[0])
+    outputs = lambda: f" ({files.outputs_message()})" if files.completed() else ""  # noqa: E731
+    try:
+        main()
+    except UserError as exc:
+        print(f"{prog}: error: {exc}{outputs()}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: {files.interrupt_message()}", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        # The reader of stdout went away (`make all | head`). Point stdout at
+        # /dev/null so that Python's final flush does not fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"{prog}: stopped: the program reading its output closed the pipe; "
+              f"{files.outputs_message()}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        print(f"{prog}: error: not enough memory for the requested sizes (batch, --z-dim, --limit); "
+              f"ask for smaller ones{outputs()}", file=sys.stderr)
+        sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None (the help says what it means) and off switches."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults shown in --help and one-line errors (no usage dump)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def add_common_args(parser, *names, **overrides):
+    """The flags every script shares, defined once: data_root, device, seed, limit.
+
+    ``overrides`` maps a name to a dict of argparse keywords (e.g. another help).
+    """
+    common = {
+        "data_root": ("--data-root", dict(default="data", help="torchvision MNIST root (DATA)")),
+        "device": ("--device", dict(choices=("auto", "cpu", "cuda", "mps"), default="auto",
+                                    help="auto picks cuda, then mps, then cpu")),
+        "seed": ("--seed", dict(type=seed_value, default=0, help="random seed")),
+        "limit": ("--limit", dict(type=positive_int, default=None,
+                                  help="use only the first N images of each split (default: all)")),
+    }
+    for name in names:
+        flag, kwargs = common[name]
+        parser.add_argument(flag, **{**kwargs, **overrides.get(name, {})})
+    return parser
+
+
+def _number(text, convert, ok, what):
+    try:
+        value = convert(text)
+    except ValueError:
+        raise_arg(f"expected {what}, got {text!r}")
+    if not ok(value):
+        raise_arg(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def positive_float(text):
+    """argparse type: a finite float > 0."""
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a positive number")
+
+
+def nonnegative_float(text):
+    """argparse type: a finite float >= 0."""
+    return _number(text, float, lambda v: 0 <= v < float("inf"), "a non-negative number")
+
+
+def seed_value(text):
+    """argparse type: an integer that torch.manual_seed accepts (0 <= seed < 2**63)."""
+    return _number(text, int, lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2**63)")
+
+
+def raise_arg(message):
+    raise argparse.ArgumentTypeError(message)

@@ -1,0 +1,61 @@
+"""Where the lab runs and with what: the torch device, the CPU's model and ISA
+flags, and the library versions recorded in every output."""
+import platform
+import sys
+
+from lab.cli import UserError
+
+
+def resolve_device(name):
+    """Map --device {auto,cpu,cuda,mps} to a torch.device, or fail clearly."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available (use --device cpu or auto)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for but MPS is not available (use --device cpu or auto)")
+    return torch.device(name)
+
+
+# The ISA flags that decide this lab's speed on a CPU (AVX-512 and bf16 units, AMX).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_model_and_flags():
+    """(CPU model name, set of ISA flags) from /proc/cpuinfo; (platform's name, empty set) elsewhere."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and value.strip():
+                    model = value.strip()
+                elif key in ("flags", "Features"):           # x86, arm64
+                    flags = set(value.split())
+                if flags and key == "":                      # end of the first processor
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
+def versions():
+    """Versions of the libraries this process has loaded, recorded in every output.
+
+    Only modules already imported are asked: importing torch just to read its
+    version would cost the numpy-only classifier about 2 s.
+    """
+    import numpy
+
+    out = {"python": platform.python_version(), "numpy": numpy.__version__}
+    for mod in ("scipy", "torch", "torchvision"):
+        if mod in sys.modules:
+            out[mod] = str(getattr(sys.modules[mod], "__version__", "unknown"))   # TorchVersion is not plain str
+    return out

@@ -1,0 +1,1 @@
+"""Maintainers' tools: python -m tools.bench (make bench)."""
