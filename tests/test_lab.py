@@ -1,0 +1,140 @@
+"""lab/: faults at the edges (MNIST files, writes to a full disk or a directory, a closed pipe, no memory, a bad matplotlib backend)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lab.cli
+import lab.files
+import lab.machine
+import lab.mnist
+import lab.plots
+from helpers import HERE, OFFLINE_ENV, assert_user_error, make_mnist, write_idx
+
+
+# =========================================================================
+# labio.py: faults at the edges (data files, writes, pipes, memory, backends)
+# =========================================================================
+
+
+
+def raw_files(root):
+    raw = os.path.join(root, "MNIST", "raw")
+    return {n: open(os.path.join(raw, n), "rb").read() for n in sorted(os.listdir(raw))}
+
+
+def test_io_one_missing_test_file_names_it_and_never_says_delete(tmp_path):
+    root = make_mnist(str(tmp_path / "d"), 30, 20)
+    os.remove(os.path.join(root, "MNIST", "raw", "t10k-images-idx3-ubyte"))
+    before = raw_files(root)
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in OFFLINE_ENV.items():
+            mp.setenv(k, v)
+        with pytest.raises(lab.cli.UserError) as err:
+            lab.mnist.load_mnist(root, train=True)     # the *train* split: its files are intact
+    assert "t10k-images-idx3-ubyte" in str(err.value) and "delete" not in str(err.value)
+    assert raw_files(root) == before
+
+
+def test_io_gz_only_file_is_decompressed_and_read(tmp_path):
+    import gzip
+    root = make_mnist(str(tmp_path / "d"), 30, 20)
+    path = os.path.join(root, "MNIST", "raw", "t10k-images-idx3-ubyte")
+    expected = open(path, "rb").read()
+    with gzip.open(path + ".gz", "wb") as f:
+        f.write(expected)
+    os.remove(path)
+    assert len(lab.mnist.load_mnist(root, train=False)) == 20
+    assert open(path, "rb").read() == expected
+
+
+def test_io_failed_download_creates_no_folder(tmp_path, monkeypatch):
+    for k, v in OFFLINE_ENV.items():
+        monkeypatch.setenv(k, v)
+    root = tmp_path / "nonexistent" / "deeper"
+    with pytest.raises(lab.cli.UserError, match="could not be downloaded"):
+        lab.mnist.load_mnist(str(root), train=True)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    ("images 14x56", "expected 28x28"),
+    ("fewer labels", "disagree"),
+])
+def test_io_idx_header_must_be_mnist(damage, fragment, tmp_path):
+    root = make_mnist(str(tmp_path / "d"), 30, 20)
+    raw = os.path.join(root, "MNIST", "raw")
+    rng = np.random.default_rng(0)
+    if damage == "images 14x56":
+        write_idx(os.path.join(raw, "train-images-idx3-ubyte"), rng.integers(0, 255, (30, 14, 56)))
+    else:
+        write_idx(os.path.join(raw, "train-labels-idx1-ubyte"), np.arange(29) % 10)
+    with pytest.raises(lab.cli.UserError, match=fragment) as err:
+        lab.mnist.load_mnist(root, train=True)
+    assert "train-" in str(err.value)
+
+
+def test_io_full_disk_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch):
+    """The temp file is a link to /dev/full, so every write fails with ENOSPC as on a full disk."""
+    target = tmp_path / "out.json"
+    target.write_text("old")
+    real_mkstemp = lab.files.tempfile.mkstemp
+
+    def full_disk_mkstemp(**kwargs):
+        fd, tmp = real_mkstemp(**kwargs)
+        os.close(fd)
+        os.remove(tmp)
+        os.symlink("/dev/full", tmp)
+        return os.open(tmp, os.O_WRONLY), tmp
+
+    monkeypatch.setattr(lab.files.tempfile, "mkstemp", full_disk_mkstemp)
+    monkeypatch.setattr(lab.files.os, "chmod", lambda *a: None)     # don't chmod /dev/full
+    with pytest.raises(lab.cli.UserError, match="no space left on the device"):
+        lab.files.write_json(str(target), {"x": list(range(100000))})
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["out.json"]
+
+
+def test_io_output_that_is_a_directory_or_dangling_link_fails_before_work(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(lab.cli.UserError, match="names a directory"):
+        lab.files.write_json(str(tmp_path / "d"), {})
+    os.symlink(tmp_path / "missing", tmp_path / "link")
+    with pytest.raises(lab.cli.UserError, match="does not exist"):
+        lab.files.check_can_create(str(tmp_path / "link"))
+    assert sorted(os.listdir(tmp_path)) == ["d", "link"]
+
+
+RUN_MAIN = """
+import sys, lab.cli
+def main():
+    if sys.argv[1] == "pipe":
+        for i in range(10 ** 6):
+            print("line", i)
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+lab.cli.run_main(main)
+"""
+
+
+def test_io_closed_pipe_is_one_line_without_traceback():
+    import shlex
+    proc = subprocess.run(f"{shlex.quote(sys.executable)} -c {shlex.quote(RUN_MAIN)} pipe | head -1", shell=True, cwd=HERE,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout == "line 0\n"
+    assert_user_error(subprocess.CompletedProcess([], 1, "", proc.stderr), "closed the pipe")
+
+
+def test_io_out_of_memory_is_one_line():
+    proc = subprocess.run([sys.executable, "-c", RUN_MAIN, "oom"], cwd=HERE, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert_user_error(proc, "not enough memory")
+
+
+def test_io_a_bad_mplbackend_does_not_stop_a_figure(tmp_path):
+    code = ("import lab.plots; plt = lab.plots.pyplot(); fig = plt.figure(); "
+            f"lab.plots.save_figure(fig, {str(tmp_path / 'f.png')!r})")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True,
+                          env={**os.environ, "MPLBACKEND": "nonsense"})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "f.png").stat().st_size > 0

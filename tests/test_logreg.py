@@ -1,0 +1,587 @@
+"""logreg.py: the classifier and its gradient (finite differences), the assignment's own loop, ROC and AUC against sklearn, the command line and its failures."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.io as sio
+
+import logreg
+from lab import roc
+from helpers import (HERE, LOGREG_RANDOM_INIT, assert_rejected, assignment_get_one_hot, interrupt_at,
+                     leftovers, logreg_blobs, logreg_run, logreg_write_mat, run_cli, snapshot)
+
+
+# =========================================================================
+# logreg.py: multinomial logistic regression and ROC, from scratch
+# =========================================================================
+
+
+# --------------------------------------------------------------------- helpers
+
+
+
+
+
+
+
+
+
+@pytest.fixture
+def logreg_mats(tmp_path):
+    """A small train/test pair in the extractor's format, with random-init metadata."""
+    X, y = logreg_blobs(600, 16, seed=1, spread=0.8)
+    X_te, y_te = logreg_blobs(200, 16, seed=2, spread=0.8)
+    return (logreg_write_mat(tmp_path / "train.mat", X, y, **LOGREG_RANDOM_INIT),
+            logreg_write_mat(tmp_path / "test.mat", X_te, y_te, **LOGREG_RANDOM_INIT))
+
+
+def logreg_direct_loss(X, L, theta, l2=0.0):
+    """The mean softmax cross-entropy written out sample by sample with math.exp: an oracle that
+    shares no code with logreg.py (small scores only: no overflow guard)."""
+    W, b = theta[:-1], theta[-1]
+    total = 0.0
+    for x, onehot in zip(X, L):
+        scores = [float(np.dot(x, W[:, c]) + b[c]) for c in range(10)]
+        total += math.log(sum(math.exp(s) for s in scores)) - scores[int(np.argmax(onehot))]
+    return total / len(X) + 0.5 * l2 * float(np.sum(W ** 2))
+
+
+def logreg_direct_step(X, L, theta, lr):
+    """One gradient step written out plainly (softmax by math.exp): (new theta, batch loss)."""
+    W, b = theta[:-1], theta[-1]
+    grad = np.zeros_like(theta)
+    for x, onehot in zip(X, L):
+        scores = [float(np.dot(x, W[:, c]) + b[c]) for c in range(10)]
+        norm = sum(math.exp(s) for s in scores)
+        error = np.array([math.exp(s) / norm for s in scores]) - onehot
+        grad[:-1] += np.outer(x, error) / len(X)
+        grad[-1] += error / len(X)
+    return theta - lr * grad, logreg_direct_loss(X, L, theta)
+
+
+# --------------------------------------------------------------------- the classifier
+
+@pytest.mark.parametrize("l2", [0.0, 0.3])
+def test_logreg_loss_and_gradient_match_a_direct_formula_and_finite_differences(l2):
+    """loss_and_gradient against an independent oracle: the loss written out sample by sample,
+    and the gradient as central differences of that oracle (not of the code under test)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((12, 5))
+    L = logreg.get_one_hot(rng.integers(0, 10, 12))
+    theta = rng.standard_normal((6, 10))
+    loss, grad = logreg.loss_and_gradient(X, L, theta, l2)
+    assert loss == pytest.approx(logreg_direct_loss(X, L, theta, l2), rel=1e-12)
+    h, numeric = 1e-6, np.zeros_like(theta)
+    for idx in np.ndindex(theta.shape):
+        step = np.zeros_like(theta)
+        step[idx] = h
+        numeric[idx] = (logreg_direct_loss(X, L, theta + step, l2)
+                        - logreg_direct_loss(X, L, theta - step, l2)) / (2 * h)
+    assert np.linalg.norm(grad - numeric) / np.linalg.norm(numeric) < 1e-7
+    if l2 == 0:   # apply_gradients: one descent step along that gradient, and the loss before it
+        new, step_loss = logreg.apply_gradients(X, L, theta, 0.5)
+        np.testing.assert_allclose(new, theta - 0.5 * numeric, rtol=0, atol=1e-8)
+        assert step_loss == pytest.approx(logreg_direct_loss(X, L, theta), rel=1e-12)
+
+
+def test_logreg_softmax_is_stable_for_huge_scores():
+    p = logreg.softmax(np.array([[1e4, 0.0, -1e4], [800.0, 800.0, 0.0]]))
+    assert np.all(np.isfinite(p))
+    np.testing.assert_allclose(p, [[1, 0, 0], [0.5, 0.5, 0]], atol=1e-12)
+
+
+def test_logreg_one_hot_of_loadmat_row_vector(tmp_path):
+    labels = np.array([3, 0, 9, 3, 1], dtype=np.int64)
+    logreg_write_mat(tmp_path / "x.mat", np.zeros((5, 2), np.float32), labels)
+    loaded = sio.loadmat(tmp_path / "x.mat")["labels"]
+    assert loaded.shape == (1, 5)   # what the assignment's code sees
+    onehot = logreg.get_one_hot(loaded)
+    assert onehot.shape == (5, 10)
+    assert np.array_equal(onehot.argmax(axis=1), labels)
+    assert np.array_equal(onehot.sum(axis=1), np.ones(5))
+
+
+def test_logreg_separable_problem_is_learned_perfectly():
+    X, y = logreg_blobs(1000, 20, seed=3, spread=10.0)
+    X_te, y_te = logreg_blobs(300, 20, seed=4, spread=10.0)
+    probs = logreg.mlr(X, logreg.get_one_hot(y), X_te, logreg.get_one_hot(y_te),
+                       logreg.TrainConfig.for_mode("default", epochs=10))
+    assert np.mean(probs.argmax(axis=1) == y_te) == 1.0
+
+
+def test_logreg_accuracy_close_to_sklearn():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = logreg_blobs(3000, 30, seed=5, spread=0.35)
+    X_te, y_te = logreg_blobs(2000, 30, seed=6, spread=0.35)
+    probs = logreg.mlr(X, logreg.get_one_hot(y), X_te, logreg.get_one_hot(y_te))
+    ours = np.mean(probs.argmax(axis=1) == y_te)
+    scaler = StandardScaler().fit(X)
+    ref = LogisticRegression(max_iter=1000).fit(scaler.transform(X), y).score(scaler.transform(X_te), y_te)
+    assert 0.5 < ref < 0.99   # a problem where the two can differ
+    assert abs(ours - ref) <= 0.01
+
+
+def test_logreg_reference_last_short_batch_counts_in_loss_and_gradient():
+    """n = 7 with batches of 3: batches 0-2, 3-5 and the short one, sample 6. The assignment's
+    X[i:i+BATCH_SIZE-1] would never train on some samples; here every one counts, in the step and
+    in the epoch's loss (each batch's mean weighted by its size)."""
+    X, y = logreg_blobs(7, 4, seed=7)
+    L = logreg.get_one_hot(y)
+    config = logreg.TrainConfig.for_mode("reference", epochs=1, batch_size=3, lr=0.05, seed=3)
+    out = logreg.train(X, L, X, L, config)
+    theta = 0.001 * np.random.default_rng(3).standard_normal((5, 10))   # the assignment's init
+    losses = []
+    for rows in (slice(0, 3), slice(3, 6), slice(6, 7)):
+        theta, loss = logreg_direct_step(X[rows].astype(np.float64), L[rows], theta, 0.05)
+        losses.append(loss)
+    np.testing.assert_allclose(out["theta"], theta, rtol=1e-10, atol=1e-14)
+    assert out["history"]["train_loss"] == [pytest.approx((3 * losses[0] + 3 * losses[1] + losses[2]) / 7, rel=1e-12)]
+    without_last, _ = logreg_direct_step(X[6:7].astype(np.float64), L[6:7], theta, -0.05)   # undo step 3
+    assert np.abs(out["theta"] - without_last).max() > 1e-6   # the short batch did move theta
+
+
+@pytest.mark.parametrize("mode", ["reference", "default"])
+def test_logreg_both_trainings_step_through_apply_gradients(mode, monkeypatch):
+    """23 training rows in batches of 5: 5 calls of apply_gradients per epoch, one per batch in
+    file order for the reference loop; and a step that does nothing leaves theta where it began."""
+    X, y = logreg_blobs(23, 4, seed=7)
+    L = logreg.get_one_hot(y)
+    config = logreg.TrainConfig.for_mode(mode, epochs=2, batch_size=5, lr=0.05, val_fraction=0.0)
+    calls = []
+    original = logreg.apply_gradients
+
+    def counted(X_b, L_b, theta, lr, *rest):
+        calls.append(len(X_b))
+        return original(X_b, L_b, theta, lr, *rest)
+
+    monkeypatch.setattr(logreg, "apply_gradients", counted)
+    out = logreg.train(X, L, X, L, config)
+    assert calls == [5, 5, 5, 5, 3] * 2 and out["epochs_run"] == 2
+    def frozen_step(X_b, L_b, theta, *rest):
+        return theta, original(X_b, L_b, theta, *rest)[1]
+
+    monkeypatch.setattr(logreg, "apply_gradients", frozen_step)
+    frozen = logreg.train(X, L, X, L, config)["theta"]
+    initial = (0.001 * np.random.default_rng(0).standard_normal((5, 10)) if mode == "reference" else np.zeros((5, 10)))
+    np.testing.assert_array_equal(frozen, initial)
+
+
+def test_logreg_reference_stops_when_theta_moves_less_than_1e_10():
+    """With all-zero features only the bias learns, so the oracle is a plain iteration of the
+    bias: b <- b - lr * (softmax(b) - mean label). The run must stop at the first epoch that moves
+    theta by less than 1e-10, well before its epoch limit."""
+    n, lr = 20, 5.0
+    L = logreg.get_one_hot(np.arange(n) % 10)
+    X = np.zeros((n, 3), dtype=np.float32)
+    config = logreg.TrainConfig.for_mode("reference", epochs=500, batch_size=n, lr=lr, seed=4)
+    out = logreg.train(X, L, X, L, config)
+    theta0 = 0.001 * np.random.default_rng(4).standard_normal((4, 10))
+    bias, expected = theta0[-1].copy(), None
+    for epoch in range(1, 501):
+        p = np.exp(bias - bias.max())
+        new = bias - lr * (p / p.sum() - L.mean(axis=0))
+        moved, bias = np.linalg.norm(new - bias), new
+        if moved < 1e-10:
+            expected = epoch
+            break
+    assert expected is not None and 10 < expected < 500
+    assert out["epochs_run"] == expected == len(out["history"]["train_loss"])
+    np.testing.assert_array_equal(out["theta"][:-1], theta0[:-1])   # no feature, no weight change
+    np.testing.assert_allclose(out["theta"][-1], bias, rtol=0, atol=1e-9)
+
+
+def test_logreg_same_seed_same_result():
+    X, y = logreg_blobs(500, 12, seed=8, spread=0.5)
+    L = logreg.get_one_hot(y)
+    a = logreg.train(X, L, X, L, logreg.TrainConfig.for_mode(epochs=3, seed=1))
+    b = logreg.train(X, L, X, L, logreg.TrainConfig.for_mode(epochs=3, seed=1))
+    c = logreg.train(X, L, X, L, logreg.TrainConfig.for_mode(epochs=3, seed=2))
+    assert np.array_equal(a["theta"], b["theta"])
+    assert a["history"]["test_acc"] == b["history"]["test_acc"]
+    assert not np.array_equal(a["theta"], c["theta"])   # the seed does matter
+
+
+def test_logreg_standardization_guards_constant_columns():
+    X, _ = logreg_blobs(200, 5, seed=9)
+    X[:, 0] = 7.25                       # exactly constant
+    X[:, 1] = np.float32(1e4) + np.float32(1e-3) * (np.arange(200) % 2)   # round-off scale only
+    Xs, mean, scale = logreg.fit_standardize(X)
+    np.testing.assert_allclose(mean[2:], X[:, 2:].astype(np.float64).mean(axis=0), rtol=1e-10)
+    np.testing.assert_allclose(scale[2:], X[:, 2:].astype(np.float64).std(axis=0), rtol=1e-5)
+    assert scale[0] == 1.0 and scale[1] == 1.0
+    assert np.all(np.isfinite(Xs)) and Xs.dtype == np.float32
+    np.testing.assert_allclose(Xs[:, 2:].std(axis=0), 1.0, rtol=1e-4)
+    np.testing.assert_array_equal(logreg.standardize(X, mean, scale), Xs)
+
+
+def test_logreg_train_config_checks_what_it_is_given():
+    config = logreg.TrainConfig.for_mode("reference", lr=0.01)
+    assert (config.lr, config.batch_size, config.val_fraction, config.patience) == (0.01, 64, 0.0, None)
+    from dataclasses import asdict
+
+    assert logreg.TrainConfig(**asdict(config)) == config   # what logreg.npz stores
+    for bad in (dict(epochs=0), dict(lr=-1.0), dict(val_fraction=1.0), dict(patience=3), dict(mode="fast")):
+        with pytest.raises(ValueError):
+            logreg.TrainConfig(**{**asdict(config), **bad})
+
+
+# --------------------------------------------------------------------- the assignment's own code
+
+def assignment_mlr(trfeature, tr_onehot, tefeature, te_onehot, apply_gradients, epochs, seed=0):
+    """The assignment's Q2 loop as it wrote it: theta d x 10 without a bias, 0.001 randn, batches
+    of 64 sliced X[i:endpos] with endpos = i + BATCH_SIZE - 1, stop when theta moves < 1e-10."""
+    BATCH_SIZE = 64
+    LR = 0.001
+    np.random.seed(seed)
+    theta = 0.001 * np.random.randn(trfeature.shape[1], 10)
+    for epoch in range(epochs):
+        theta_old = theta.copy()
+        for i in range(0, trfeature.shape[0], BATCH_SIZE):
+            endpos = i + BATCH_SIZE - 1
+            theta = apply_gradients(trfeature[i:endpos], tr_onehot[i:endpos], theta, LR)
+        if np.linalg.norm(theta - theta_old) < 1e-10:
+            break
+    pred = tefeature @ theta
+    predonehot = np.zeros_like(pred)
+    predonehot[np.arange(pred.shape[0]), np.argmax(pred, axis=1)] = 1
+    return predonehot
+
+
+def assignment_apply_gradients(X, L, theta, lr):
+    """The assignment's signature (theta without a bias row, returns the new theta) served by
+    logreg.apply_gradients: a zero bias row, dropped again, is exactly a model without bias."""
+    with_bias = np.vstack([theta, np.zeros((1, theta.shape[1]))])
+    new, _ = logreg.apply_gradients(X, L, with_bias, lr)
+    return new[:-1]
+
+
+@pytest.mark.skipif(not os.environ.get("MNIST_ROOT"), reason="set MNIST_ROOT to the real MNIST root")
+def test_logreg_assignment_q2_loop_runs_on_extracted_features(tmp_path):
+    """Real MNIST through extract_features.py (random-init weights, first 1000 images of each
+    split), then the assignment's own loading, get_one_hot and mlr loop: clearly above chance."""
+    proc = run_cli("extract_features.py", "--data-root", os.environ["MNIST_ROOT"], "--out-dir", tmp_path,
+                   "--weights", "none", "--limit", "1000")
+    assert proc.returncode == 0, proc.stderr
+    trmat = sio.loadmat(str(tmp_path / "mnist_train.mat"))
+    temat = sio.loadmat(str(tmp_path / "mnist_test.mat"))
+    trfeature, trlabel = trmat["features"], trmat["labels"]
+    tefeature, telabel = temat["features"], temat["labels"]
+    tr_onehot, te_onehot = assignment_get_one_hot(trlabel), assignment_get_one_hot(telabel)
+    np.testing.assert_array_equal(logreg.get_one_hot(trlabel), tr_onehot)   # ours reads the same row
+    predonehot = assignment_mlr(trfeature, tr_onehot, tefeature, te_onehot, assignment_apply_gradients, epochs=100)
+    accuracy = np.mean(np.argmax(predonehot, axis=1) == np.argmax(te_onehot, axis=1))
+    assert accuracy > 0.4, accuracy   # chance is 0.1; 0.54 when this test was written
+
+
+# --------------------------------------------------------------------- ROC against sklearn
+
+def logreg_tied_scores(rng, n):
+    return rng.integers(0, 8, n) / 8.0   # only 8 distinct values: many ties
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_logreg_roc_curve_matches_sklearn(seed):
+    """sklearn with drop_intermediate=False keeps one point per distinct score, as ours
+    does, so the point sets can be compared exactly, ties included."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 300)
+    score = logreg_tied_scores(rng, 300) + 0.3 * y * rng.integers(0, 2, 300)
+    fpr, tpr, thr = roc.roc_curve(y, score)
+    sk_fpr, sk_tpr, sk_thr = sk_roc_curve(y, score, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tpr, sk_tpr, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(thr, sk_thr)
+    assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+    assert roc.auc(fpr, tpr) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+
+
+def test_logreg_auc_is_the_trapezoid_rule():
+    assert roc.auc([0, 0.5, 1], [0, 1, 1]) == pytest.approx(0.75, abs=1e-15)
+    assert roc.auc([1, 0.5, 0], [1, 1, 0]) == pytest.approx(0.75, abs=1e-15)
+    with pytest.raises(ValueError):
+        roc.auc([0, 1, 0.5], [0, 1, 1])
+
+
+def logreg_ovr_problem(seed, n=500):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n)
+    counts = rng.multinomial(16, np.full(10, 0.1), size=n)
+    counts[np.arange(n), y] += rng.integers(0, 4, n)   # some signal
+    return y, counts / counts.sum(axis=1, keepdims=True)     # rows sum to 1, heavy ties
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_logreg_multiclass_auc_matches_sklearn_ovr(seed):
+    from sklearn.metrics import roc_auc_score
+
+    y, probs = logreg_ovr_problem(seed)
+    result = roc.multiclass_roc(y, probs)
+    assert result["macro_auc"] == pytest.approx(
+        roc_auc_score(y, probs, multi_class="ovr", average="macro"), abs=1e-12)
+    assert result["micro_auc"] == pytest.approx(
+        roc_auc_score(y, probs, multi_class="ovr", average="micro"), abs=1e-12)
+    per_class = roc_auc_score(logreg.get_one_hot(y), probs, average=None)
+    np.testing.assert_allclose(result["per_class_auc"], per_class, rtol=0, atol=1e-12)
+    grid, macro_tpr = result["macro"]
+    assert grid[0] == 0 and grid[-1] == 1 and np.all(np.diff(macro_tpr) >= 0)
+    assert result["undefined"] == {}
+
+
+def test_logreg_is_random_init_reads_the_weights_kind():
+    """A .pth run (pretrained 0, not known to be ImageNet) is not called random-init, nor pretrained."""
+    file_meta = {"weights": "file:/x/r50.pth sha256:ab", "weights_kind": "file", "pretrained": 0}
+    assert not logreg.is_random_init(file_meta)
+    assert "file:/x/r50.pth" in logreg.title_suffix({"train": file_meta})
+    assert logreg.is_random_init({"weights": "random-init (WEIGHTS=none)", "weights_kind": "random-init"})
+    assert logreg.is_random_init({"weights": "random-init (WEIGHTS=none)", "pretrained": 0})
+    assert not logreg.is_random_init({"weights": "IMAGENET1K_V1", "weights_kind": "imagenet", "pretrained": 1})
+
+
+def test_logreg_absent_class_has_no_auc_and_the_macro_skips_it():
+    from sklearn.metrics import roc_auc_score
+
+    y, probs = logreg_ovr_problem(5)
+    keep = y != 3
+    result = roc.multiclass_roc(y[keep], probs[keep])
+    assert math.isnan(result["per_class_auc"][3]) and list(result["undefined"]) == [3]
+    others = [k for k in range(10) if k != 3]
+    expected = roc_auc_score(logreg.get_one_hot(y[keep])[:, others], probs[keep][:, others], average="macro")
+    assert result["macro_auc"] == pytest.approx(expected, abs=1e-12)
+    assert np.all(np.isfinite(result["macro"][1]))
+    fig = logreg.plot_roc(logreg.pyplot(), y[keep], probs[keep], "")
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "class 3: AUC undefined (no test sample is class 3)" in legend
+    assert any(text.startswith("macro avg of 9 classes") for text in legend)
+    logreg.pyplot().close(fig)
+
+
+# --------------------------------------------------------------------- command line
+
+def logreg_pixels(figs):
+    import matplotlib.image
+
+    return {name: matplotlib.image.imread(str(figs / name)) for name in logreg.FIGURES}
+
+
+def test_logreg_cli_writes_outputs_and_plot_only_redraws_the_same_pixels(logreg_mats, tmp_path):
+    train, test = logreg_mats
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    r = logreg_run("--train-mat", str(train), "--test-mat", str(test), "--out-dir", str(out),
+                   "--figures-dir", str(figs), "--epochs", "5")
+    assert r.returncode == 0, r.stderr
+    assert "RANDOM-INIT" in r.stdout
+    with np.load(out / "logreg.npz", allow_pickle=False) as z:
+        probs, labels = z["test_probs"], z["test_labels"]
+        assert len(z["test_acc"]) == len(z["train_loss"]) == len(z["val_acc"]) <= 5
+        assert json.loads(str(z["provenance_json"]))["train"]["weights"] == "random-init (WEIGHTS=none)"
+        assert json.loads(str(z["config_json"]))["epochs"] == 5
+    m = json.loads((out / "logreg_metrics.json").read_text())
+    assert m["test_accuracy"] == pytest.approx(np.mean(probs.argmax(axis=1) == labels))
+    assert m["auc"]["macro"] == pytest.approx(roc.multiclass_roc(labels, probs)["macro_auc"])
+    assert m["weights"] == "random-init (WEIGHTS=none)" and m["random_init_weights"] is True
+    assert m["config"]["mode"] == "default" and m["config"]["epochs"] == 5
+    assert set(os.listdir(figs)) == set(logreg.FIGURES)
+    assert set(os.listdir(out)) == {"logreg.npz", "logreg_metrics.json"}   # no temp files left
+    first = logreg_pixels(figs)
+    for name in logreg.FIGURES:
+        os.remove(figs / name)
+    r = logreg_run("--plot-only", "--out-dir", str(out), "--figures-dir", str(figs))
+    assert r.returncode == 0, r.stderr
+    again = logreg_pixels(figs)
+    for name in logreg.FIGURES:
+        assert first[name].shape == again[name].shape and np.array_equal(first[name], again[name]), name
+
+
+def test_logreg_absent_test_class_writes_null_auc_and_says_why(tmp_path):
+    X, y = logreg_blobs(300, 8, seed=12)
+    X_te, y_te = logreg_blobs(200, 8, seed=13)
+    keep = y_te != 3
+    train = logreg_write_mat(tmp_path / "tr.mat", X, y)
+    test = logreg_write_mat(tmp_path / "te.mat", X_te[keep], y_te[keep])
+    r = logreg_run("--train-mat", train, "--test-mat", test, "--out-dir", tmp_path / "o",
+                   "--figures-dir", tmp_path / "f", "--epochs", "3")
+    assert r.returncode == 0, r.stderr
+    assert "over 9 classes: no test sample is class 3" in r.stdout
+    text = (tmp_path / "o" / "logreg_metrics.json").read_text()
+    auc = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))["auc"]
+    assert auc["per_class"]["3"] is None and "no test sample is class 3" in auc["undefined"]["3"]
+    assert auc["macro"] == pytest.approx(np.mean([v for k, v in auc["per_class"].items() if k != "3"]))
+
+
+def test_logreg_import_and_run_never_load_torch(logreg_mats, tmp_path):
+    train, test = logreg_mats
+    code = ("import sys, json, logreg\n"
+            "logreg.main(sys.argv[1:])\n"
+            "print('TORCH', 'torch' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code, "--train-mat", str(train), "--test-mat", str(test),
+                           "--out-dir", str(tmp_path / "o"), "--figures-dir", str(tmp_path / "f"),
+                           "--epochs", "2", "--no-progress"], capture_output=True, text=True, cwd=HERE,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "TORCH False" in proc.stdout
+    recorded = json.loads((tmp_path / "o" / "logreg_metrics.json").read_text())["versions"]
+    assert "numpy" in recorded and "torch" not in recorded
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_logreg_interrupt_after_the_metrics_leaves_every_output_complete_or_absent(logreg_mats, tmp_path, sig):
+    """Interrupted while logreg.npz is being written, i.e. after logreg_metrics.json: exit 130,
+    the message names what was completed and what was not, and nothing is half-written."""
+    train, test = logreg_mats
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    code = ("import sys, time, numpy as np\n"
+            "def slow(f, **arrays):\n"
+            "    f.write(b'x' * 1000); f.flush(); print('WRITING', flush=True); time.sleep(60)\n"
+            "np.savez = slow\n"
+            "import logreg, lab.cli\n"
+            "sys.argv = ['logreg.py'] + sys.argv[1:]\n"
+            "lab.cli.run_main(logreg.main)\n")
+    code_, err = interrupt_at("WRITING", code, ["--train-mat", train, "--test-mat", test, "--out-dir", out,
+                                                "--figures-dir", figs, "--epochs", "2", "--no-progress"], sig=sig)
+    assert code_ == 130 and "Traceback" not in err, err
+    line = err.strip()
+    assert "interrupted" in line and "completed:" in line and "logreg_metrics.json" in line.split("not written")[0]
+    assert "not written:" in line and "logreg.npz" in line.split("not written")[1], line
+    assert all(name in line.split("not written")[1] for name in logreg.FIGURES), line
+    assert leftovers(out) == ["logreg_metrics.json"] and leftovers(figs) == []
+    json.loads((out / "logreg_metrics.json").read_text())   # complete
+
+
+def test_logreg_metadata_is_optional(tmp_path):
+    """The assignment's own .mat files have no metadata: provenance is then 'unknown'."""
+    X, y = logreg_blobs(200, 8, seed=10)
+    logreg_write_mat(tmp_path / "a.mat", X, y)
+    _, _, _, _, prov = logreg.load_pair(str(tmp_path / "a.mat"), str(tmp_path / "a.mat"))
+    assert prov["train"] == {"weights": "unknown"}
+    assert not logreg.is_random_init(prov["train"])
+
+
+def test_logreg_help_works():
+    r = logreg_run("--help")
+    assert r.returncode == 0 and "--reference" in r.stdout and "--plot-only" in r.stdout
+
+
+# --------------------------------------------------------------------- bad inputs
+
+@pytest.fixture(scope="module")
+def logreg_older_outputs(tmp_path_factory):
+    """Outputs of an earlier good run: a failing run must leave them as they are."""
+    root = tmp_path_factory.mktemp("logreg_older")
+    X, y = logreg_blobs(100, 8, seed=11)
+    good = logreg_write_mat(root / "good.mat", X, y, **LOGREG_RANDOM_INIT)
+    r = logreg_run("--train-mat", good, "--test-mat", good, "--out-dir", root / "out",
+                   "--figures-dir", root / "figs", "--epochs", "2")
+    assert r.returncode == 0, r.stderr
+    return root, X, y
+
+
+def logreg_damaged_npz(path, source):
+    """Ways to break a good logreg.npz, each written to ``path``."""
+    with np.load(source, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return {
+        "truncated": lambda: path.write_bytes(source.read_bytes()[:3000]),
+        "not_an_npz": lambda: path.write_bytes(b"just some text, not a zip archive\n"),
+        "foreign": lambda: np.savez(path, theta=np.zeros((3, 10))),
+        "corrupt_config": lambda: np.savez(path, **{**arrays, "config_json": np.array('{"mode": "default", "epo')}),
+        "wrong_shape": lambda: np.savez(path, **{**arrays, "test_probs": arrays["test_probs"][:, :7]}),
+    }
+
+
+LOGREG_BAD_CLI = {   # name: (extra args, fragment of the one-line error)
+    "epochs_zero": (["--epochs", "0"], "--epochs"),
+    "negative_lr": (["--lr", "-1"], "--lr"),
+    "val_fraction_one": (["--val-fraction", "1"], "--val-fraction"),
+    "patience_with_reference": (["--reference", "--patience", "3"], "--patience applies to the default"),
+    "no_training_rows": (["--val-fraction", "0.995"], "leaves no training rows"),
+    "reference_no_training_rows": (["--reference", "--val-fraction", "0.995"], "leaves no training rows"),
+    "loss_blows_up": (["--lr", "1e300", "--epochs", "3", "--train-mat", "{big}", "--test-mat", "{big}"],
+                      "lower --lr"),
+    "loss_blows_up_reference": (["--reference", "--lr", "1e300", "--epochs", "3", "--train-mat", "{big}",
+                                 "--test-mat", "{big}"], "lower --lr"),
+}
+LOGREG_BAD_MATS = {   # name: (train .mat record or path marker, fragment)
+    "missing": ("missing", "not found"),
+    "not_a_mat": ("garbage", "cannot read"),
+    "no_labels": ({"features": "X"}, "lacks the key(s) labels"),
+    "not_2d": ({"features": "X3", "labels": "y"}, "2-D"),
+    "label_count": ({"features": "X", "labels": "y99"}, "labels for"),
+    "label_range": ({"features": "X", "labels": "y10"}, "0-9"),
+    "non_finite": ({"features": "Xnan", "labels": "y"}, "NaN"),
+    "no_samples": ({"features": "X0", "labels": "y0"}, "no samples"),
+    "dims_differ": ({"features": "X5", "labels": "y"}, "dimensions"),
+    "weights_differ": ({"features": "X", "labels": "y", "weights": "file:/other.pth"}, "weights"),
+}
+
+
+def logreg_bad_mat(root, X, y, name, record):
+    path = root / f"bad_{name}.mat"
+    if record == "missing":
+        return root / "nope.mat"
+    if record == "garbage":
+        path.write_bytes(b"MATLAB? no: " + bytes(range(256)) * 8)
+        return path
+    values = {"X": X, "X3": X.reshape(100, 2, 4), "Xnan": np.where(np.arange(8) == 2, np.nan, X),
+              "X0": X[:0], "X5": X[:, :5], "y": y.reshape(1, -1), "y99": y[:99].reshape(1, -1),
+              "y10": np.where(np.arange(100) == 3, 10, y).reshape(1, -1), "y0": y[:0].reshape(1, 0)}
+    sio.savemat(path, {k: values.get(v, v) for k, v in record.items()})
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(LOGREG_BAD_CLI) + sorted(LOGREG_BAD_MATS))
+def test_logreg_bad_input_is_one_line_and_changes_no_file(name, logreg_older_outputs):
+    root, X, y = logreg_older_outputs
+    out, figs = root / "out", root / "figs"
+    good = root / "good.mat"
+    if name in LOGREG_BAD_CLI:
+        extra, fragment = LOGREG_BAD_CLI[name]
+        big = root / "big.mat"
+        if not big.exists():
+            logreg_write_mat(big, X * 1e10, y, **LOGREG_RANDOM_INIT)
+        extra = [str(a).format(big=big) for a in extra]
+        args = ["--train-mat", good, "--test-mat", good, *extra]
+    else:
+        record, fragment = LOGREG_BAD_MATS[name]
+        bad = logreg_bad_mat(root, X, y, name, record)
+        args = ["--train-mat", good if name == "dims_differ" or name == "weights_differ" else bad,
+                "--test-mat", bad if name in ("dims_differ", "weights_differ") else good]
+    before = snapshot(out, figs)
+    proc = logreg_run(*args, "--out-dir", out, "--figures-dir", figs)
+    assert_rejected(proc, before, [out, figs], fragment)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_an_npz", "foreign", "corrupt_config", "wrong_shape", "absent"])
+def test_logreg_plot_only_rejects_a_bad_npz_and_changes_no_file(damage, logreg_older_outputs, tmp_path):
+    root, _, _ = logreg_older_outputs
+    out, figs = tmp_path / "out", root / "figs"
+    out.mkdir()
+    (out / "logreg_metrics.json").write_bytes((root / "out" / "logreg_metrics.json").read_bytes())
+    if damage != "absent":
+        logreg_damaged_npz(out / "logreg.npz", root / "out" / "logreg.npz")[damage]()
+    expected = {"truncated": "damaged or not logreg's", "not_an_npz": "not an .npz archive",
+                "foreign": "lacks", "corrupt_config": "config_json is corrupt",
+                "wrong_shape": "test_probs has shape", "absent": "run `make logreg` first"}[damage]
+    before = snapshot(out, figs)
+    proc = logreg_run("--plot-only", "--out-dir", out, "--figures-dir", figs)
+    assert_rejected(proc, before, [out, figs], expected, "make logreg")
+
+
+def test_logreg_out_dir_that_is_a_file_is_rejected(logreg_older_outputs, tmp_path):
+    root, _, _ = logreg_older_outputs
+    (tmp_path / "afile").write_text("x")
+    before = snapshot(tmp_path)
+    proc = logreg_run("--train-mat", root / "good.mat", "--test-mat", root / "good.mat",
+                      "--out-dir", tmp_path / "afile" / "out", "--figures-dir", tmp_path / "figs")
+    assert_rejected(proc, before, [tmp_path], "not a directory")
+
+
