@@ -1,5 +1,6 @@
 """Make: the pipeline end to end on tiny data, the report, settings records, and safety (nothing it did not make is touched; interrupts keep completed outputs)."""
 import json
+import math
 import os
 import shutil
 import signal
@@ -427,3 +428,26 @@ def test_the_same_data_path_written_differently_is_the_same_setting(tiny_pipelin
         assert proc.returncode == 0 and sys.executable not in proc.stdout, proc.stdout
 
 
+
+
+# --------------------------------------------------------- README's worked example
+
+def test_readme_example_hidden_512_then_make_vae_trains_the_edit(tmp_path):
+    """README, "Changing the models": `HIDDEN = 400` -> `HIDDEN = 512` in vae.py, then `make vae`:
+    Make retrains, and the checkpoint it leaves is the wider model, trained."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    assert "`HIDDEN = 400`" in readme and "`HIDDEN = 512`" in readme and "`make vae`" in readme
+    repo = checkout_copy(tmp_path)
+    data = make_mnist(str(tmp_path / "data"), n_train=60, n_test=40, seed=5)
+    settings = [f"DATA={data}", "LIMIT=40", "DEVICE=cpu", "THREADS=1"]
+    assert make_in(repo, "vae", *settings).returncode == 0
+    source = (repo / "vae.py").read_text()
+    assert source.count("HIDDEN = 400\n") == 1
+    (repo / "vae.py").write_text(source.replace("HIDDEN = 400\n", "HIDDEN = 512\n"))
+    proc = make_in(repo, "vae", *settings)
+    assert proc.returncode == 0 and "vae.py --data-root" in proc.stdout, proc.stdout + proc.stderr
+    ckpt = torch.load(repo / "artifacts" / "vae.pt", weights_only=True)
+    assert ckpt["model"]["encoder.fc1.weight"].shape == (512, 784)
+    assert ckpt["model"]["decoder.fc3.weight"].shape == (512, ckpt["config"]["z_dim"])
+    losses = ckpt["train_loss"]
+    assert len(losses) == 15 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
