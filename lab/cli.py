@@ -16,9 +16,8 @@ def one_blas_thread_unless_set():
 
     The classifier's mini-batch products are small (256 x 2048 x 10): a second
     thread gains little, and when the cores are shared with other work every
-    product waits for it (on a 2-core VM with other jobs running, the default
-    logreg run took 7-8 s with one thread and 36-54 s with two). A sweep also
-    matches its lone runs bit for bit only when both use the same thread count.
+    product waits for the slower one. A sweep also matches its lone runs bit for
+    bit only when both use the same thread count.
     """
     for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, "1")
