@@ -2762,3 +2762,203 @@ def test_io_a_bad_mplbackend_does_not_stop_a_figure(tmp_path):
                           env={**os.environ, "MPLBACKEND": "nonsense"})
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+# =========================================================================
+# Faults in the scripts (issue 15)
+# =========================================================================
+
+def fault_mats(tmp_path, X, y, X_te=None, y_te=None):
+    """A train/test .mat pair in the extractor's format (the test set defaults to the train set)."""
+    train = logreg_write_mat(tmp_path / "train.mat", X, y, **LOGREG_RANDOM_INIT)
+    if X_te is None:
+        return train, train
+    return train, logreg_write_mat(tmp_path / "test.mat", X_te, y_te, **LOGREG_RANDOM_INIT)
+
+
+@pytest.mark.parametrize("script", ["logreg.py", "sweep_logreg.py"])
+@pytest.mark.parametrize("bad", ["complex", "directory", "beyond_float32"])
+def test_faults_features_must_be_a_real_finite_mat(script, bad, tmp_path):
+    X, y = logreg_blobs(60, 4, seed=1)
+    good, _ = fault_mats(tmp_path, X, y)
+    path = tmp_path / "bad.mat"
+    if bad == "complex":
+        logreg_write_mat(path, X + 1j * X, y, **LOGREG_RANDOM_INIT)
+    elif bad == "directory":
+        path.mkdir()
+    else:
+        logreg_write_mat(path, X.astype(np.float64) * 1e300, y, **LOGREG_RANDOM_INIT)
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    before = snapshot(tmp_path)
+    proc = run_cli(script, "--no-progress", "--train-mat", path, "--test-mat", good, "--out-dir", out,
+                   "--figures-dir", figs, timeout=120)
+    fragment = {"complex": "must be real numbers", "directory": "is a directory",
+                "beyond_float32": "beyond float32's range"}[bad]
+    assert_rejected(proc, before, [tmp_path], fragment, str(path))
+
+
+def test_faults_standardization_of_float32_extremes_is_finite_and_exact():
+    """Columns near float32's limits: the statistics must neither overflow nor underflow, and the
+    standardized values must be what float64 arithmetic gives."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((500, 5)).astype(np.float32)
+    big = np.float32(3.4e38)
+    X[:, 0] = np.where(np.arange(500) % 3 == 0, big, -big)        # centering alone overflows float32
+    X[:, 1] = np.float32(1e30) * X[:, 1]                          # squares overflow float32
+    X[:, 2] = np.float32(1e-30) * X[:, 2]                         # squares underflow float32
+    X[:, 3] = np.float32(1e30)                                    # constant
+    for copy in (True, False):
+        Xs, mean, scale = logreg.fit_standardize(X.copy(), copy=copy)
+        X64 = X.astype(np.float64)
+        assert np.all(np.isfinite(Xs)) and np.all(np.isfinite(mean)) and np.all(np.isfinite(scale))
+        np.testing.assert_allclose(mean, X64.mean(axis=0), rtol=1e-6)
+        np.testing.assert_allclose(scale[[0, 1, 2, 4]], X64.std(axis=0)[[0, 1, 2, 4]], rtol=1e-5)
+        varied = X64[:, [0, 1, 2, 4]]
+        expected = (varied - varied.mean(axis=0)) / varied.std(axis=0)
+        np.testing.assert_allclose(Xs[:, [0, 1, 2, 4]], expected, rtol=1e-4, atol=1e-5)
+        assert np.all(Xs[:, 3] == 0)
+        np.testing.assert_array_equal(logreg.standardize(X, mean, scale), Xs)
+
+
+@pytest.mark.parametrize("args, advice", [
+    (["--reference", "--lr", "1e9"], "lower --lr"),
+    (["--lr", "1e9"], "lower --lr"),
+    (["--l2", "1e9"], "lower --l2"),
+    (["--l2", "1e9", "--lr", "0.5"], "lower --lr or --l2"),
+])
+def test_faults_a_loss_beyond_the_bound_is_divergence_with_true_advice(args, advice, tmp_path):
+    X, y = logreg_blobs(200, 16, seed=3)
+    train, test = fault_mats(tmp_path, X, y)
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    before = snapshot(tmp_path)
+    proc = logreg_run("--train-mat", train, "--test-mat", test, "--out-dir", out, "--figures-dir", figs,
+                      "--epochs", "3", *args)
+    line = assert_rejected(proc, before, [tmp_path], "diverged at epoch", advice)
+    assert line.rstrip().endswith(advice), line
+
+
+def test_faults_a_sweep_whose_only_configuration_diverged_has_no_best(tmp_path, monkeypatch):
+    X, y = logreg_blobs(200, 16, seed=4)
+    train, test = fault_mats(tmp_path, X, y, *logreg_blobs(80, 16, seed=5))
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    proc = sweep_run("--train-mat", train, "--test-mat", test, "--out-dir", out, "--figures-dir", figs,
+                     "--batch-sizes", "32", "--lrs", "1e9", "--epochs", "3", "--jobs", "1")
+    assert proc.returncode == 0, proc.stderr
+    sweep = json.loads((out / "sweep_logreg.json").read_text())
+    (run,) = sweep["runs"]
+    assert run["diverged"] and run["diverged_epoch"] == 1 and sweep["best"] is None
+    assert sweep_logreg.NO_BEST in proc.stdout
+    titles = []
+    monkeypatch.setattr(sweep_logreg, "save_figure", lambda fig, path, **kw: titles.append(fig._suptitle.get_text()))
+    sweep_logreg.plot_sweep(sweep, str(tmp_path / "figs2"))
+    assert sweep_logreg.NO_BEST in titles[0]
+    report = tmp_path / "REPORT.md"
+    proc = run_cli("report.py", "--out-dir", out, "--figures-dir", figs, "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    assert "No configuration converged: every one diverged" in report.read_text()
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "bare_state_dict", "history"])
+def test_faults_a_vae_checkpoint_with_nan_stops_before_any_figure(kind, vae_trained, vae_data_root, tmp_path):
+    ckpt = torch.load(vae_trained / "vae.pt", weights_only=True)
+    if kind == "history":
+        ckpt["test_loss"][-1] = math.nan
+    else:
+        ckpt["model"]["decoder.fc3.weight"][0, 0] = math.nan
+    path = tmp_path / "nan.pt"
+    torch.save(ckpt if kind != "bare_state_dict" else ckpt["model"], path)
+    figs = tmp_path / "figs"
+    shutil.copytree(vae_trained / "figs", figs)
+    before = snapshot(tmp_path)
+    proc = vae_in_process("--plot-only", "--checkpoint", path, "--figures-dir", figs, "--data-root", vae_data_root)
+    fragment = "'test_loss' holds NaN" if kind == "history" else "decoder.fc3.weight holds NaN"
+    assert_rejected(proc, before, [tmp_path], str(path), fragment, "make vae")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nan", "directory"])
+def test_faults_a_bad_sweep_checkpoint_names_it_and_make_sweep_vae(damage, vae_sweep, vae_data_root, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(vae_sweep, out, ignore=shutil.ignore_patterns("figs"))
+    path = out / "sweep_vae" / "vae_z5.pt"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:3000])
+    elif damage == "nan":
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["model"]["encoder.fc1.bias"][3] = math.inf
+        torch.save(ckpt, path)
+    else:
+        path.unlink()
+        path.mkdir()
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    before = snapshot(tmp_path)
+    proc = vae_in_process("--plot-only", "--out-dir", out, "--figures-dir", figs, "--data-root", vae_data_root,
+                          script=sweep_vae)
+    fragment = {"truncated": "not a torch file", "nan": "encoder.fc1.bias holds NaN or infinite",
+                "directory": "is a directory"}[damage]
+    line = assert_rejected(proc, before, [tmp_path], str(path), fragment)
+    assert "make sweep-vae" in line or damage == "directory", line
+    assert "make vae`" not in line
+
+
+@pytest.mark.parametrize("script, args, flag", [
+    ("vae.py", ["--z-dim", "10000000"], "lower --z-dim"),
+    ("sweep_vae.py", ["--z-dims", "2", "10000000"], "lower --z-dims"),
+])
+def test_faults_a_model_too_large_for_memory_fails_before_any_work(script, args, flag, tmp_path):
+    before = snapshot(tmp_path)
+    proc = run_cli(script, *args, "--data-root", tmp_path / "no_data", "--out-dir", tmp_path / "out",
+                   "--figures-dir", tmp_path / "figs", "--device", "cpu", env=OFFLINE_ENV, timeout=120)
+    assert proc.returncode == 2
+    assert_rejected(proc, before, [tmp_path], "GB of memory", "Adam's two moments", flag)
+
+
+def test_faults_the_memory_check_blames_the_batch_when_the_batch_is_what_is_large(monkeypatch):
+    monkeypatch.setattr(vae, "free_memory", lambda device: 100e6)
+    vae.check_memory([20], 64, None, torch.device("cpu"))          # 12 MB: fits
+    with pytest.raises(vae.UserError, match="lower --batch-size$"):
+        vae.check_memory([20], 10 ** 9, None, torch.device("cpu"))   # capped at 60000 images: 1.6 GB
+    assert vae.parameter_count(7) == sum(p.numel() for p in vae.VAE(7).parameters())
+
+
+@pytest.mark.parametrize("script, flag", [("vae.py", "--figures-dir"), ("vae.py", "--out-dir"),
+                                          ("sweep_vae.py", "--out-dir"), ("sweep_vae.py", "--figures-dir")])
+def test_faults_an_output_dir_that_is_a_dangling_symlink_fails_before_training(script, flag, vae_data_root, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    os.symlink(tmp_path / "missing", tmp_path / "link")
+    dirs = {"--out-dir": work / "out", "--figures-dir": work / "figs", flag: tmp_path / "link"}
+    before = snapshot(work)
+    proc = run_cli(script, *[a for kv in dirs.items() for a in map(str, kv)], "--data-root", vae_data_root,
+                   "--epochs", "1", "--limit", "64", "--device", "cpu", env=OFFLINE_ENV, timeout=120)
+    assert_rejected(proc, before, [work], "symlink", "does not exist")
+    assert proc.stdout == "" and sorted(os.listdir(tmp_path)) == ["link", "work"]    # nothing trained
+
+
+def test_faults_a_directory_where_a_result_should_be_is_named(logreg_older_outputs, tmp_path):
+    out = tmp_path / "out"
+    (out / "logreg.npz").mkdir(parents=True)
+    before = snapshot(tmp_path)
+    proc = logreg_run("--plot-only", "--out-dir", out, "--figures-dir", tmp_path / "figs")
+    assert_rejected(proc, before, [tmp_path], "logreg.npz", "is a directory")
+    (out / "sweep_logreg.json").mkdir()
+    proc = sweep_run("--plot-only", "--out-dir", out, "--figures-dir", tmp_path / "figs")
+    assert_rejected(proc, snapshot(tmp_path), [tmp_path], "sweep_logreg.json", "is a directory")
+
+
+def test_faults_make_rebuilds_a_missing_metrics_file_that_the_report_reads(tiny_pipeline, tmp_path):
+    settings = pipeline_copy(tiny_pipeline, tmp_path)
+    for target, metrics, script in (("vae", "vae_metrics.json", "vae.py"),
+                                    ("logreg", "logreg_metrics.json", "logreg.py")):
+        dry = run_make("-n", target, *settings)
+        assert dry.returncode == 0 and script not in dry.stdout, dry.stdout
+        os.remove(tmp_path / "out" / metrics)
+        dry = run_make("-n", target, *settings)
+        assert dry.returncode == 0 and f"{script} " in dry.stdout, dry.stdout + dry.stderr
+    proc = run_make("report", *settings)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = (tmp_path / "doc" / "REPORT.md").read_text()
+    assert "## Variational autoencoder" in report and "## Logistic regression" in report
+    records = sorted(p.name for p in (tmp_path / "out").glob(".*.args"))
+    assert ".vae.pt.args" in records and ".vae_metrics.json.args" not in records
+    assert sys.executable not in run_make("all", *settings).stdout     # and nothing is left to do
