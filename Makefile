@@ -59,7 +59,7 @@ all: features logreg vae figures report ## the whole pipeline: features, classif
 record   = $(OUT)/.$(notdir $(1)).args
 same     = $(and $(findstring |$(1)|,|$(2)|),$(findstring |$(2)|,|$(1)|))
 stale    = $(if $(call same,$(strip $(file <$(call record,$(1)))),$(strip $(2))),,FORCE)
-save     = @mkdir -p $(OUT) && printf '%s\n' '$(subst ','\'',$(strip $(1)))' > $(call record,$@).tmp && mv -f $(call record,$@).tmp $(call record,$@)
+save     = @mkdir -p $(OUT) && printf '%s\n' '$(subst ','\'',$(strip $(1)))' > $(call record,$(or $(2),$@)).tmp && mv -f $(call record,$(or $(2),$@)).tmp $(call record,$(or $(2),$@))
 WEIGHTS_SETTING  := $(if $(findstring /,$(WEIGHTS))$(filter %.pth,$(WEIGHTS)),$(abspath $(WEIGHTS)),$(WEIGHTS))
 FEATURES_SETTINGS = DATA=$(abspath $(DATA)) WEIGHTS=$(WEIGHTS_SETTING) LIMIT=$(LIMIT) DEVICE=$(DEVICE) DTYPE=$(DTYPE)
 VAE_SETTINGS      = DATA=$(abspath $(DATA)) LIMIT=$(LIMIT) DEVICE=$(DEVICE)
@@ -81,9 +81,10 @@ $(OUT)/mnist_test.mat: $(FEATURES_DEPS) $(call stale,$(OUT)/mnist_test.mat,$(FEA
 	$(EXTRACT_FEATURES) --split test
 	$(call save,$(FEATURES_SETTINGS))
 
-logreg: $(OUT)/logreg.npz ## logistic regression + ROC on the features (and its figures)
+logreg: $(OUT)/logreg.npz $(OUT)/logreg_metrics.json ## logistic regression + ROC on the features (and its figures)
 
-$(OUT)/logreg.npz: logreg.py $(LAB) $(FEATURES_MAT) $(SETUP)
+# Both outputs are targets: the report reads the metrics, so a missing one is rebuilt.
+$(OUT)/logreg.npz $(OUT)/logreg_metrics.json &: logreg.py $(LAB) $(FEATURES_MAT) $(SETUP)
 	$(PYTHON) logreg.py --train-mat $(OUT)/mnist_train.mat --test-mat $(OUT)/mnist_test.mat \
 	  --out-dir $(OUT) --figures-dir $(FIGURES)
 
@@ -109,16 +110,18 @@ $(OUT)/sweep_logreg.json: experiments/sweep_logreg.py logreg.py $(LAB) $(FEATURE
 $(FIGURES)/sweep_logreg.png: $(OUT)/sweep_logreg.json
 	$(PYTHON) -m experiments.sweep_logreg --plot-only --out-dir $(OUT) --figures-dir $(FIGURES)
 
-vae: $(OUT)/vae.pt ## train the VAE, 15 epochs (and its figures)
+vae: $(OUT)/vae.pt $(OUT)/vae_metrics.json ## train the VAE, 15 epochs (and its figures)
 
 # vae.py writes vae_metrics.json, then vae.pt, then the figures, each atomically:
 # a vae.pt is always complete, so an interrupt while the figures are drawn keeps
-# it (.PRECIOUS), and the figures' rule below redoes only them.
+# it (.PRECIOUS), and the figures' rule below redoes only them. Both files are targets, so
+# that a missing vae_metrics.json, which the report reads, is rebuilt; the settings record
+# stays vae.pt's, whichever of the two started the rule.
 .PRECIOUS: $(OUT)/vae.pt
-$(OUT)/vae.pt: vae.py $(LAB) $(SETUP) $(call stale,$(OUT)/vae.pt,$(VAE_SETTINGS))
+$(OUT)/vae.pt $(OUT)/vae_metrics.json &: vae.py $(LAB) $(SETUP) $(call stale,$(OUT)/vae.pt,$(VAE_SETTINGS))
 	$(PYTHON) vae.py --data-root $(DATA) --out-dir $(OUT) --figures-dir $(FIGURES) \
 	  --device $(DEVICE) $(LIMIT_ARG) $(THREADS_ARG)
-	$(call save,$(VAE_SETTINGS))
+	$(call save,$(VAE_SETTINGS),$(OUT)/vae.pt)
 
 ZDIMS ?= 2 5 10 20 50## latent sizes that make sweep-vae trains, one VAE each
 HELP_VARS += ZDIMS
@@ -151,7 +154,8 @@ $(VAE_FIGS) &: $(OUT)/vae.pt lab/vae_figures.py
 report: $(REPORT) ## one page with every result and figure, read from the saved artifacts
 
 # The sweeps' JSON files are shown when they exist; `make sweep` refreshes the report after them.
-$(REPORT): experiments/report.py $(LAB) $(FEATURES_MAT) $(OUT)/logreg.npz $(OUT)/vae.pt $(LOGREG_FIGS) $(VAE_FIGS) \
+$(REPORT): experiments/report.py $(LAB) $(FEATURES_MAT) $(OUT)/logreg.npz $(OUT)/logreg_metrics.json $(OUT)/vae.pt \
+           $(OUT)/vae_metrics.json $(LOGREG_FIGS) $(VAE_FIGS) \
            $(wildcard $(OUT)/sweep_logreg.json $(OUT)/sweep_vae.json $(FIGURES)/sweep_*.png $(FIGURES)/vae_*_2d.png) \
            $(SETUP)
 	$(PYTHON) -m experiments.report --out-dir $(OUT) --figures-dir $(FIGURES) --report $@
@@ -177,7 +181,7 @@ ALL_FIGS  := $(LOGREG_FIGS) $(VAE_FIGS) $(SWEEP_VAE_FIGS) $(FIGURES)/sweep_logre
 
 # clean removes by name what the pipeline writes (the guards at the end keep OUT, FIGURES
 # and REPORT away from tracked files), and the temp files of a run killed mid-write.
-temps      = $(foreach f,$(1),$(dir $(f)).$(notdir $(f)).*.tmp)# what labio.atomic_path leaves if killed
+temps      = $(foreach f,$(1),$(dir $(f)).$(notdir $(f)).*.tmp)# what lab.files.atomic_path leaves if killed
 clean: ## remove generated artifacts, figures and report by name (keeps .venv, data and your files)
 	rm -f $(addprefix $(OUT)/,$(OUT_FILES) sweep_vae/vae_z*.pt sweep_vae/.vae_z*.pt.*.tmp) \
 	  $(foreach f,$(OUT_FILES),$(call record,$(f))) $(call temps,$(addprefix $(OUT)/,$(OUT_FILES)))

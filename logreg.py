@@ -209,30 +209,56 @@ def fit_standardize(X, chunk=4096, copy=True):
     round-off noise up to unit variance.
     """
     n, d = X.shape
-    mean = np.zeros(d)
+    mean, peak = np.zeros(d), np.zeros(d)
     for start in range(0, n, chunk):
-        mean += X[start:start + chunk].sum(axis=0, dtype=np.float64)
+        block = X[start:start + chunk]
+        mean += block.sum(axis=0, dtype=np.float64)
+        peak = np.maximum(peak, np.maximum(block.max(axis=0), -block.min(axis=0)))
     mean /= n
+    shift = _unit_shift(peak)
+    far = np.flatnonzero(shift != 1)
+    if far.size:
+        X = X.astype(np.float32, copy=copy)
+        X[:, far] /= shift[far].astype(np.float32)
+        copy = False
+    center = mean / shift
     if copy or X.dtype != np.float32:
-        Xs = np.subtract(X, mean.astype(np.float32), dtype=np.float32)
+        Xs = np.subtract(X, center.astype(np.float32), dtype=np.float32)
     else:
         Xs = X
-        Xs -= mean.astype(np.float32)
+        Xs -= center.astype(np.float32)
     squares = np.zeros(d)
     for start in range(0, n, chunk):
         block = Xs[start:start + chunk]
         squares += np.einsum("ij,ij->j", block, block)
     std = np.sqrt(squares / n)
-    flat = std <= 1e-6 * np.maximum(np.abs(mean), np.finfo(np.float32).tiny)
+    flat = std <= 1e-6 * np.maximum(np.abs(center), np.finfo(np.float32).tiny)
     scale = np.where(flat, 1.0, std)
     Xs /= scale.astype(np.float32)
-    return Xs, mean, scale
+    return Xs, mean, scale * shift
+
+
+def _unit_shift(size):
+    """Per column, 1, or for a column whose size is far from 1 the power of two nearest it.
+
+    Dividing by a power of two is exact in binary floating point, so standardizing the divided
+    columns gives the same numbers, while the float32 centering and squares stay clear of
+    overflow (1e30 squared is no float32) and underflow for any finite float32 input.
+    """
+    exponent = np.frexp(size)[1]
+    return np.ldexp(1.0, np.where(np.abs(exponent) > 32, np.clip(exponent, -126, 127), 0))
 
 
 def standardize(X, mean, scale, dtype=np.float32):
-    """Apply train statistics to other data (validation, test)."""
-    Xs = np.subtract(X, mean.astype(dtype), dtype=dtype)
-    Xs /= scale.astype(dtype)
+    """Apply train statistics to other data (validation, test): fit_standardize's arithmetic,
+    so the same rows give the same numbers."""
+    shift = _unit_shift(scale)
+    far = np.flatnonzero(shift != 1)
+    if far.size:
+        X = X.astype(dtype)
+        X[:, far] /= shift[far].astype(dtype)
+    Xs = np.subtract(X, (mean / shift).astype(dtype), dtype=dtype)
+    Xs /= (scale / shift).astype(dtype)
     return Xs
 
 
@@ -240,12 +266,25 @@ def accuracy(X, y, theta):
     return float(np.mean(np.argmax(logits(X, theta), axis=1) == y))
 
 
-class Diverged(UserError):
-    """The training loss became non-finite; ``history`` holds the epochs up to that one."""
+# An epoch's mean loss (nats) beyond which a run has diverged. Training starts near ln(10), the
+# loss of a uniform guess; a loss L needs logit gaps of about L, and once they pass 2**24 the
+# float32 rounding of the features alone moves a logit by more than a nat: the probabilities are
+# round-off, not a model (lr 1e9 gives 1e13; an overshooting but finite lr of 10 gives about 1e5).
+DIVERGED_LOSS = 2.0 ** 24
 
-    def __init__(self, epoch, history):
-        super().__init__(f"loss became non-finite at epoch {epoch}; lower --lr")
-        self.epoch, self.history = epoch, history
+
+def diverged(loss):
+    """True when an epoch's mean loss is no longer finite or beyond DIVERGED_LOSS."""
+    return not loss < DIVERGED_LOSS   # NaN compares False
+
+
+class Diverged(UserError):
+    """The training diverged (see ``diverged``); ``history`` holds the epochs before that one."""
+
+    def __init__(self, epoch, history, loss=math.nan, advice="lower --lr"):
+        what = f"reached {loss:.3g}, beyond {DIVERGED_LOSS:.3g}" if math.isfinite(loss) else "is no longer finite"
+        super().__init__(f"the training diverged at epoch {epoch}: its mean loss {what}; {advice}")
+        self.epoch, self.history, self.loss = epoch, history, loss
 
 
 def split_validation(n, val_fraction, rng):
@@ -262,7 +301,7 @@ def split_validation(n, val_fraction, rng):
 def train(trfeature, tr_onehot, tefeature, te_onehot, config, progress=False, copy=True, on_epoch=None):
     """Train as ``config`` (a TrainConfig) says and return a dict: theta, mean/scale (None in
     reference mode), per-epoch histories (train_loss, val_acc, test_acc, seconds), test_probs,
-    epochs_run, best_epoch and the config. A non-finite loss raises Diverged.
+    epochs_run, best_epoch and the config. A diverging loss (see ``diverged``) raises Diverged.
 
     copy=False lets the default training standardize a float32 ``trfeature`` in place;
     ``on_epoch(epoch)``, if given, is called after each epoch.
@@ -335,8 +374,8 @@ def _train_fast(X, L, X_te, y_te, config, progress, start, on_epoch):
             loss_sum += float(loss) * len(idx)
             step += 1
         train_loss = loss_sum / n
-        if not np.isfinite(train_loss):
-            raise Diverged(epoch, hist)
+        if diverged(train_loss):
+            raise Diverged(epoch, hist, train_loss)
         val_acc = accuracy(X_val, y_val, theta) if n_val else float("nan")
         test_acc = accuracy(X_te, y_te, theta)
         _record(hist, train_loss, val_acc, test_acc, time.perf_counter() - start)
@@ -393,8 +432,8 @@ def _train_reference(X, L, X_te, y_te, config, progress, start, on_epoch=None):
                 theta, loss = apply_gradients(X_b, L_b, theta, config.lr, config.l2)
                 loss_sum += loss * X_b.shape[0]   # the last, short batch weighs what it holds
             train_loss = loss_sum / n
-            if not (np.isfinite(train_loss) and np.isfinite(theta).all()):
-                raise Diverged(epoch, hist)
+            if diverged(train_loss) or not np.isfinite(theta).all():
+                raise Diverged(epoch, hist, train_loss if np.isfinite(theta).all() else math.nan)
             val_acc = accuracy(X_val, y_val, theta) if len(X_val) else float("nan")
             _record(hist, train_loss, val_acc, accuracy(X_te, y_te, theta), time.perf_counter() - start)
             if progress:
@@ -432,6 +471,8 @@ def load_features(path, role):
     """Features (float32, m x d), labels (int64, m) and metadata of one .mat, checked."""
     import scipy.io as sio
 
+    if os.path.isdir(path):
+        raise UserError(f"{role} features {path!r} is a directory; give the .mat file")
     if not os.path.isfile(path):
         raise UserError(f"{role} features {path!r} not found; run `make features` first")
     try:
@@ -445,21 +486,25 @@ def load_features(path, role):
     features, labels = mat["features"], mat["labels"]
     if features.ndim != 2:
         raise UserError(f"{path!r}: features must be 2-D (m x d), got shape {features.shape}")
-    if not np.issubdtype(features.dtype, np.number):
-        raise UserError(f"{path!r}: features must be numeric, got {features.dtype}")
+    if not np.issubdtype(features.dtype, np.number) or np.iscomplexobj(features):
+        raise UserError(f"{path!r}: features must be real numbers, got {features.dtype}")
     labels = labels.reshape(-1)
     if labels.size != features.shape[0]:
         raise UserError(f"{path!r}: {labels.size} labels for {features.shape[0]} feature rows")
     if features.shape[0] == 0:
         raise UserError(f"{path!r} holds no samples")
-    if not np.issubdtype(labels.dtype, np.number) or not np.all(np.isin(labels, np.arange(NUM_CLASSES))):
+    if (not np.issubdtype(labels.dtype, np.number) or np.iscomplexobj(labels)
+            or not np.all(np.isin(labels, np.arange(NUM_CLASSES)))):
         raise UserError(f"{path!r}: labels must be integers 0-{NUM_CLASSES - 1}")
-    features = _rows_contiguous_float32(features)
     # Column sums in float64 are finite exactly when every feature is: NaN and infinities carry
     # through a sum, and float32 values cannot add up to a float64 overflow. (One pass, no
-    # m x d boolean array.)
-    if not np.all(np.isfinite(features.sum(axis=0, dtype=np.float64))):
-        raise UserError(f"{path!r}: features contain NaN or infinite values")
+    # m x d boolean array.) A value beyond float32's range becomes an infinity here.
+    with np.errstate(over="ignore", invalid="ignore"):
+        features = _rows_contiguous_float32(features)
+        finite = np.all(np.isfinite(features.sum(axis=0, dtype=np.float64)))
+    if not finite:
+        raise UserError(f"{path!r}: features contain NaN or infinite values, or values beyond "
+                        f"float32's range ({np.finfo(np.float32).max:.3g})")
     meta = {k: _meta_value(mat, k) for k in METADATA_KEYS if k in mat}
     meta.setdefault("weights", "unknown")
     return features, labels.astype(np.int64), meta
@@ -513,6 +558,8 @@ NPZ_KEYS = {"theta", "mean", "scale", "train_loss", "val_acc", "test_acc", "epoc
 
 def load_npz(path):
     """What save_npz wrote, checked: a damaged or foreign file is a UserError naming the problem."""
+    if os.path.isdir(path):
+        raise UserError(f"{path!r} is a directory, not logreg's .npz; move it away and run `make logreg`")
     if not os.path.isfile(path):
         raise UserError(f"{path!r} not found; run `make logreg` first")
     with open(path, "rb") as f:
@@ -726,6 +773,14 @@ def config_from_args(args):
                                 val_fraction=args.val_fraction, patience=args.patience)
 
 
+def divergence_advice(config, args):
+    """What to lower: --l2 when the user gave it and lr x l2 >= 2, where the penalty alone makes
+    each step overshoot (it multiplies the weights by 1 - lr x l2); else, or as well when given, --lr."""
+    l2 = args.l2 is not None and config.lr * config.l2 >= 2
+    flags = (["--lr"] if args.lr is not None or not l2 else []) + (["--l2"] if l2 else [])
+    return "lower " + " or ".join(flags)
+
+
 def main(argv=None):
     args = parse_args(argv)
     npz_path = os.path.join(args.out_dir, "logreg.npz")
@@ -752,8 +807,11 @@ def main(argv=None):
     print(f"train {X_tr.shape}, test {X_te.shape}, weights {weights}, "
           f"{'reference procedure' if config.reference else 'default training'}")
     t1 = time.perf_counter()
-    result = train(X_tr, get_one_hot(y_tr), X_te, get_one_hot(y_te), config,
-                   progress=not args.no_progress, copy=False)   # X_tr is not needed afterwards
+    try:
+        result = train(X_tr, get_one_hot(y_tr), X_te, get_one_hot(y_te), config,
+                       progress=not args.no_progress, copy=False)   # X_tr is not needed afterwards
+    except Diverged as exc:
+        raise Diverged(exc.epoch, exc.history, exc.loss, divergence_advice(config, args)) from None
     t_train = time.perf_counter() - t1
     roc = multiclass_roc(y_te, result["test_probs"])
     m = metrics(result, y_te, roc, provenance, {"train": t_train, "total": time.perf_counter() - t0})

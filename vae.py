@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from lab import vae_figures as vf
 from lab.cli import ArgumentParser, UserError, add_common_args, positive_float, positive_int, run_main
-from lab.files import atomic_path, check_can_create, plan_outputs, write_json
+from lab.files import atomic_path, check_can_create, first_non_finite, plan_outputs, write_json
 from lab.machine import resolve_device, versions
 from lab.mnist import load_mnist
 
@@ -231,6 +231,49 @@ def preload(dataset, limit=None):
 
 # ----------------------------------------------------------------- training
 
+def parameter_count(z_dim):
+    """The VAE(z_dim)'s number of weights, without building it: fc1 and fc4, then what grows with z."""
+    return 2 * IMAGE_PIXELS * HIDDEN + 2 * HIDDEN + IMAGE_PIXELS + z_dim * (3 * HIDDEN + 2)
+
+
+def free_memory(device):
+    """Bytes free for tensors on ``device``: a GPU's free memory, or the system's available memory
+    (Linux's MemAvailable, which counts reclaimable caches, else free pages); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(z_dims, batch_size, limit, device, flag="--z-dim"):
+    """Fail before any work when VAEs of ``z_dims``, trained at once, would not fit in the memory
+    free on ``device``: float32 weights, their gradients and Adam's two moments (4 x the weights'
+    bytes), and a batch's activations with their gradients. Linux overcommits memory: a run too
+    large could start anyway, and the OOM killer end it later without a word."""
+    available = free_memory(device)
+    if available is None:
+        return
+    batch = min(batch_size, limit or 60000)     # a batch holds at most the MNIST training set
+    weights = sum(4 * 4 * parameter_count(z) for z in z_dims)
+    activations = sum(2 * 4 * batch * (3 * IMAGE_PIXELS + 2 * HIDDEN + 5 * z) for z in z_dims)
+    if weights + activations > available:
+        gb = lambda size: f"{size / 1e9:.1f} GB"  # noqa: E731
+        raise UserError(f"{flag} {' '.join(map(str, z_dims))} with --batch-size {batch_size} needs about "
+                        f"{gb(weights + activations)} of memory ({gb(weights)} for the weights, their gradients "
+                        f"and Adam's two moments, {gb(activations)} for a batch), but {gb(available)} is free "
+                        f"on {device.type}; lower {flag if weights >= activations else '--batch-size'}")
+
+
+
 def adam(parameters, lr):
     """torch.optim.Adam, with its fused kernel where this build has one for the
     parameters' device (Adam refuses fused=True otherwise, and the plain one runs)."""
@@ -355,10 +398,10 @@ def save_checkpoint(path, model, *, config, history, run):
         torch.save(state, tmp)
 
 
-def read_torch_file(path):
+def read_torch_file(path, target="vae"):
     """torch.load(path) of tensors and plain containers only, or a UserError saying why not."""
     if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; run `make vae` first")
+        raise UserError(f"no checkpoint at {path}; run `make {target}` first")
     if os.path.isdir(path):
         raise UserError(f"checkpoint {path} is a directory, not a file")
     try:
@@ -370,7 +413,7 @@ def read_torch_file(path):
             raise UserError(f"checkpoint {path} holds pickled Python objects, not only tensors (a whole "
                             "model saved with torch.save(model)?); save model.state_dict() instead") from None
         raise UserError(f"cannot read checkpoint {path}: not a torch file, or damaged "
-                        f"({type(exc).__name__}); rerun `make vae`") from None
+                        f"({type(exc).__name__}); rerun `make {target}`") from None
 
 
 def _some(names, count=4):
@@ -406,49 +449,56 @@ def check_state_dict(state, path):
     return z_dim
 
 
-def check_checkpoint(ckpt, path):
+def check_checkpoint(ckpt, path, target="vae"):
     """The checkpoint's VAEConfig, once its format and required keys are checked."""
     if ckpt["format"] != CHECKPOINT_FORMAT:
         raise UserError(f"checkpoint {path} has format {ckpt['format']!r}, expected {CHECKPOINT_FORMAT!r} "
-                        "(written by another version of vae.py?); rerun `make vae`")
+                        f"(written by another version of vae.py?); rerun `make {target}`")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
-        raise UserError(f"checkpoint {path} lacks {_some(missing)}; rerun `make vae`")
+        raise UserError(f"checkpoint {path} lacks {_some(missing)}; rerun `make {target}`")
     try:
         config = VAEConfig.from_dict(ckpt["config"])
     except ValueError as exc:
-        raise UserError(f"checkpoint {path}: {exc}; rerun `make vae`") from None
+        raise UserError(f"checkpoint {path}: {exc}; rerun `make {target}`") from None
     for key in HISTORY_KEYS:
         values = ckpt[key]
         if not (isinstance(values, list) and all(isinstance(v, (int, float)) for v in values)):
-            raise UserError(f"checkpoint {path}: {key!r} is not a list of numbers; rerun `make vae`")
+            raise UserError(f"checkpoint {path}: {key!r} is not a list of numbers; rerun `make {target}`")
+        if not all(map(math.isfinite, values)):
+            raise UserError(f"checkpoint {path}: {key!r} holds NaN or infinite losses; rerun `make {target}`")
     if not isinstance(ckpt["model"], dict):
-        raise UserError(f"checkpoint {path}: 'model' is not a state_dict; rerun `make vae`")
+        raise UserError(f"checkpoint {path}: 'model' is not a state_dict; rerun `make {target}`")
     return config
 
 
-def load_checkpoint(path, z_dim=None):
+def load_checkpoint(path, z_dim=None, target="vae"):
     """(VAE on the CPU, checkpoint dict or None for a bare state_dict).
 
     Reads vae.py's own checkpoints, and the bare ``model.state_dict()`` that the
     assignment's notebook saves (z_dim from the shape of encoder.fc2_mu.weight;
-    no history). Anything else is a one-line UserError that names what is wrong.
+    no history). Anything else, NaN weights included, is a one-line UserError that names
+    what is wrong and ``target``, the Make target that rebuilds the file.
     """
-    obj = read_torch_file(path)
+    obj = read_torch_file(path, target)
     if not isinstance(obj, dict):
         raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a vae.py checkpoint "
                         "or a state_dict")
     ckpt = obj if "format" in obj else None
     if ckpt is not None:
-        config = check_checkpoint(ckpt, path)
+        config = check_checkpoint(ckpt, path, target)
     state = ckpt["model"] if ckpt is not None else obj
     weights_z = check_state_dict(state, path)
     if ckpt is not None and config.z_dim != weights_z:
         raise UserError(f"checkpoint {path} says z_dim {config.z_dim}, but its weights have z_dim "
-                        f"{weights_z}; rerun `make vae`")
+                        f"{weights_z}; rerun `make {target}`")
     if z_dim is not None and z_dim != weights_z:
         raise UserError(f"checkpoint {path} has z_dim {weights_z}, but --z-dim {z_dim} was asked for "
-                        f"(drop --z-dim or retrain with `make vae`)")
+                        f"(drop --z-dim or retrain with `make {target}`)")
+    bad = first_non_finite(state)
+    if bad is not None:   # checked before any figure: NaN weights would draw blank or fail late
+        raise UserError(f"checkpoint {path}: {bad} holds NaN or infinite weights (a diverged or damaged "
+                        f"run); rerun `make {target}`")
     model = VAE(weights_z)
     model.load_state_dict(state)
     model.eval()
@@ -602,6 +652,7 @@ def train(config, out_dir, figures_dir):
     device = resolve_device(config.device)
     check_can_create(out_dir)
     check_can_create(figures_dir)
+    check_memory([config.z_dim], config.batch_size, config.limit, device)
     train_x, test_x, test_y = load_splits(config.data_root, config.limit)
     metrics, checkpoint = os.path.join(out_dir, METRICS_NAME), os.path.join(out_dir, CHECKPOINT_NAME)
     plan_outputs([metrics, checkpoint, *figure_paths(figures_dir)])

@@ -31,7 +31,7 @@ SWEEP_VAE_FIGURES = ("sweep_vae_loss.png", "sweep_vae_reconstructions.png", "vae
 
 def read_result(path, make_target):
     """A results JSON file, or None when its stage has not run yet."""
-    return read_json(path, make_target) if os.path.isfile(path) else None
+    return read_json(path, make_target) if os.path.exists(path) else None   # a directory there is an error
 
 
 def read_mat_metadata(path):
@@ -210,8 +210,9 @@ def sweep_logreg_section(a, figures_dir, report_dir):
     lines = ["## Sweep: batch size x learning rate (logistic regression)", "",
              f"Mode `{s['mode']}`, {s['epochs']} epochs, seed {s['seed']}, weights `{s['weights']}`"
              + (" (RANDOM-INIT features)" if s.get("random_init_weights") else "")
-             + f". Best on validation accuracy: batch {best['batch_size']}, lr {best['lr']:g} "
-               f"(validation {num(best['val_acc'], '.4f')}, test {num(best['test_acc'], '.4f')}).", ""]
+             + (f". Best on validation accuracy: batch {best['batch_size']}, lr {best['lr']:g} "
+                f"(validation {num(best['val_acc'], '.4f')}, test {num(best['test_acc'], '.4f')})." if best
+                else ". No configuration converged: every one diverged, so none is best."), ""]
     lrs = s["grid"]["lr"]
     cells = {(r["batch_size"], r["lr"]): r for r in s["runs"]}
     rows = []

@@ -9,8 +9,9 @@ as one grid of logreg.py trainings, recorded epoch by epoch and drawn on one fig
 Each configuration trains on the training rows left after a validation split carved from the
 training set (--val-fraction, the same rows for all), and records per epoch its training loss,
 validation accuracy and test accuracy. The best configuration (and epoch) is chosen on
-validation accuracy, never on test accuracy. A non-finite loss is a result: that configuration
-is marked diverged at that epoch, and the others go on.
+validation accuracy, never on test accuracy. A diverging loss (logreg.diverged: no longer finite,
+or beyond logreg.DIVERGED_LOSS) is a result: that configuration is marked diverged at that epoch,
+and the others go on.
 
 Each configuration is one call of logreg.train, the very training a lone logreg.py run makes
 (in the reference mode, the default, the assignment's loop), and the configurations train in
@@ -45,6 +46,7 @@ EPOCHS, VAL_FRACTION = 20, 0.1
 JSON_NAME, FIGURE_NAME = "sweep_logreg.json", "sweep_logreg.png"
 SECONDS_NOTE = "wall seconds of the training call that produced the run"
 HISTORY_KEYS = ("train_loss", "val_acc", "test_acc")
+NO_BEST = "no configuration converged: every one diverged, so none is best"
 
 
 # --------------------------------------------------------------------- training
@@ -61,7 +63,7 @@ _SHARED = {}   # set before the workers fork: they inherit the data instead of r
 
 def run_task(config):
     """Train one configuration as logreg.py would; returns its run record. A diverging run is a
-    result: its history up to the epoch whose loss became non-finite."""
+    result: its history up to the epoch whose loss diverged."""
     X, L, X_te, L_te = _SHARED["data"]
     start = time.perf_counter()
     try:
@@ -254,7 +256,7 @@ def plot_sweep(sweep, figures_dir):
         chosen = (f"best on validation: batch {best['batch_size']}, lr {best['lr']:g}, epoch {best['epoch']} "
                   f"(validation {best['val_acc']:.4f}, test {best['test_acc']:.4f})")
     else:
-        chosen = "no configuration finished without diverging"
+        chosen = NO_BEST
     fig.suptitle(f"Logistic regression, batch size x learning rate, {sweep['epochs']} epochs, {mode}\n"
                  f"{weights}\n{chosen}", fontsize=11)
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.79)
@@ -381,6 +383,8 @@ def main(argv=None):
         print(f"best on validation: batch {best['batch_size']}, lr {best['lr']:g}, epoch {best['epoch']}: "
               f"validation {best['val_acc']:.4f}, test {best['test_acc']:.4f}; {sweep['seconds']:.1f} s"
               + ("  [RANDOM-INIT features]" if sweep["random_init_weights"] else ""))
+    else:
+        print(NO_BEST)
 
 
 if __name__ == "__main__":

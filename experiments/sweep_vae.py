@@ -90,6 +90,9 @@ def sweep(args):
                                  threads=threads)
     check_can_create(os.path.join(args.out_dir, CHECKPOINT_DIR))
     check_can_create(args.figures_dir)
+    # the largest z_dims may train at the same time
+    vae.check_memory(sorted(args.z_dims, reverse=True)[:processes], config.batch_size, config.limit, device,
+                     flag="--z-dims")
     load_mnist(config.data_root, train=True)    # a missing or damaged split fails here, before any process starts
     test_x, test_y = vae.preload(load_mnist(config.data_root, train=False), config.limit)
     summary_path = os.path.join(args.out_dir, SUMMARY_NAME)
@@ -145,9 +148,9 @@ def load_models(summary, out_dir, summary_path):
     models = {}
     for run in summary["runs"]:
         path = checkpoint_path(out_dir, run["z_dim"])
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise UserError(f"no checkpoint at {path}, which {summary_path} lists; rerun `make sweep-vae`")
-        model, ckpt = vae.load_checkpoint(path)
+        model, ckpt = vae.load_checkpoint(path, target="sweep-vae")
         if model.z_dim != run["z_dim"]:
             raise UserError(f"{path} holds a z_dim-{model.z_dim} model, but {summary_path} lists it for "
                             f"z_dim {run['z_dim']}; rerun `make sweep-vae`")

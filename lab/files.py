@@ -59,14 +59,17 @@ def check_can_create(path):
     """Fail early if directory ``path`` could not be created or written, without creating it.
 
     Symlinks are followed as the later writes will follow them, so a link to a
-    missing folder, or a path that runs through a file, fails here, before any work.
+    missing folder anywhere on the path (os.makedirs cannot create through one),
+    or a path that runs through a file, fails here, before any work.
     """
-    if os.path.islink(path) and not os.path.exists(path):
-        raise UserError(f"output directory {path!r} is a symlink to {os.readlink(path)!r}, "
-                        "which does not exist; create it or give another directory")
-    probe = os.path.realpath(path)
+    probe = os.path.abspath(path)
     while not os.path.exists(probe):
+        if os.path.islink(probe):
+            where = "" if probe == os.path.abspath(path) else f": {probe!r}"
+            raise UserError(f"output directory {path!r}{where} is a symlink to {os.readlink(probe)!r}, "
+                            "which does not exist; create it or give another directory")
         probe = os.path.dirname(probe)
+    probe = os.path.realpath(probe)
     if not os.path.isdir(probe):
         raise UserError(f"cannot create output directory {path!r}: {probe!r} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
@@ -130,6 +133,8 @@ def write_json(path, obj):
 def read_json(path, make_target):
     """A results JSON file; a missing or unreadable one is a UserError naming the Make target
     that writes it."""
+    if os.path.isdir(path):
+        raise UserError(f"{path!r} is a directory, not a results file; move it away and run `make {make_target}`")
     if not os.path.isfile(path):
         raise UserError(f"{path!r} not found; run `make {make_target}` first")
     try:

@@ -10,7 +10,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from helpers import VAE_N_TEST, VAE_N_TRAIN, make_mnist, run_cli  # noqa: E402
 
-
 # ------------------------------------------------------------------ fixtures
 
 @pytest.fixture(scope="session")

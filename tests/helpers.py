@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import scipy.io as sio
 import torch
 
@@ -15,6 +16,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the check
 sys.path.insert(0, HERE)
 
 import vae  # noqa: E402
+
 
 # A proxy on a closed local port makes every download fail at once, whether or
 # not the machine running the tests has internet.
@@ -202,3 +204,46 @@ def assignment_get_one_hot(labels):
     one_hot = np.zeros((labels.shape[1], 10))
     one_hot[np.arange(labels.shape[1]), labels[0]] = 1
     return one_hot
+
+
+def fault_mats(tmp_path, X, y, X_te=None, y_te=None):
+    """A train/test .mat pair in the extractor's format (the test set defaults to the train set)."""
+    train = logreg_write_mat(tmp_path / "train.mat", X, y, **LOGREG_RANDOM_INIT)
+    if X_te is None:
+        return train, train
+    return train, logreg_write_mat(tmp_path / "test.mat", X_te, y_te, **LOGREG_RANDOM_INIT)
+
+
+def sweep_run(*args):
+    return run_cli("experiments.sweep_logreg", "--no-progress", *args, timeout=180)
+
+
+def run_make(*args, timeout=600):
+    """`make ARGS` in the project with this interpreter (no .venv is built)."""
+    return subprocess.run(["make", "--no-print-directory", f"PYTHON={sys.executable}", *map(str, args)],
+                          capture_output=True, text=True, cwd=HERE, timeout=timeout)
+
+
+def tiny_pipeline_args(data, top):
+    return [f"DATA={data}", "WEIGHTS=none", "LIMIT=40", "DEVICE=cpu", f"OUT={top}/out",
+            f"FIGURES={top}/figures", f"REPORT={top}/doc/REPORT.md"]
+
+
+def checkout_copy(tmp_path):
+    """The project's tracked files in a fresh git checkout, tmp_path/repo (skips without git)."""
+    listed = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("needs git and a git checkout of the project")
+    repo = tmp_path / "repo"
+    for name in listed.stdout.split():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(open(os.path.join(HERE, name), "rb").read())
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    return repo
+
+
+def make_in(repo, *args, env=None, timeout=600):
+    return subprocess.run(["make", "--no-print-directory", f"PYTHON={sys.executable}", *map(str, args)],
+                          capture_output=True, text=True, cwd=repo, timeout=timeout,
+                          env={**os.environ, **(env or {})})

@@ -1,6 +1,8 @@
 """The experiments: sweep_logreg (batch size x learning rate) and sweep_vae (z_dim), each run equal to a lone run, their figures and failures."""
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,8 +13,8 @@ import torch
 import vae
 from experiments import sweep_logreg, sweep_vae
 from helpers import (HERE, LOGREG_RANDOM_INIT, VAE_N_TEST, VAE_N_TRAIN, assert_rejected, assert_same_run,
-                     interrupt_at, leftovers, logreg_blobs, logreg_run, logreg_write_mat, run_cli, snapshot,
-                     vae_in_process, vae_outputs)
+                     fault_mats, interrupt_at, leftovers, logreg_blobs, logreg_run, logreg_write_mat,
+                     run_cli, snapshot, sweep_run, vae_in_process, vae_outputs)
 
 
 # --------------------------------------------------------------------- sweep_logreg.py
@@ -20,8 +22,6 @@ from helpers import (HERE, LOGREG_RANDOM_INIT, VAE_N_TEST, VAE_N_TRAIN, assert_r
 SWEEP_GRID = ["--batch-sizes", "7", "32", "--lrs", "0.001", "0.05", "1e306", "--epochs", "6", "--val-fraction", "0.2"]
 
 
-def sweep_run(*args):
-    return run_cli("experiments.sweep_logreg", "--no-progress", *args, timeout=180)
 
 
 @pytest.fixture(scope="module")
@@ -373,3 +373,52 @@ def test_vae_real_mnist_first_epoch_on_a_subset(vae_one_thread):
     start = sum(vae.evaluate(model, train_x))
     losses = vae.train_vae(model, train_x, epochs=1, log=None, progress=False)["train_loss"]
     assert start > 500 and 150 < losses[0] < 260
+
+
+# ------------------------------------------------------------------ faults (wrong numbers, true advice)
+
+def test_faults_a_sweep_whose_only_configuration_diverged_has_no_best(tmp_path, monkeypatch):
+    X, y = logreg_blobs(200, 16, seed=4)
+    train, test = fault_mats(tmp_path, X, y, *logreg_blobs(80, 16, seed=5))
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    proc = sweep_run("--train-mat", train, "--test-mat", test, "--out-dir", out, "--figures-dir", figs,
+                     "--batch-sizes", "32", "--lrs", "1e9", "--epochs", "3", "--jobs", "1")
+    assert proc.returncode == 0, proc.stderr
+    sweep = json.loads((out / "sweep_logreg.json").read_text())
+    (run,) = sweep["runs"]
+    assert run["diverged"] and run["diverged_epoch"] == 1 and sweep["best"] is None
+    assert sweep_logreg.NO_BEST in proc.stdout
+    titles = []
+    monkeypatch.setattr(sweep_logreg, "save_figure", lambda fig, path, **kw: titles.append(fig._suptitle.get_text()))
+    sweep_logreg.plot_sweep(sweep, str(tmp_path / "figs2"))
+    assert sweep_logreg.NO_BEST in titles[0]
+    report = tmp_path / "REPORT.md"
+    proc = run_cli("experiments.report", "--out-dir", out, "--figures-dir", figs, "--report", report)
+    assert proc.returncode == 0, proc.stderr
+    assert "No configuration converged: every one diverged" in report.read_text()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nan", "directory"])
+def test_faults_a_bad_sweep_checkpoint_names_it_and_make_sweep_vae(damage, vae_sweep, vae_data_root, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(vae_sweep, out, ignore=shutil.ignore_patterns("figs"))
+    path = out / "sweep_vae" / "vae_z5.pt"
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:3000])
+    elif damage == "nan":
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["model"]["encoder.fc1.bias"][3] = math.inf
+        torch.save(ckpt, path)
+    else:
+        path.unlink()
+        path.mkdir()
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    before = snapshot(tmp_path)
+    proc = vae_in_process("--plot-only", "--out-dir", out, "--figures-dir", figs, "--data-root", vae_data_root,
+                          script=sweep_vae)
+    fragment = {"truncated": "not a torch file", "nan": "encoder.fc1.bias holds NaN or infinite",
+                "directory": "is a directory"}[damage]
+    line = assert_rejected(proc, before, [tmp_path], str(path), fragment)
+    assert "make sweep-vae" in line or damage == "directory", line
+    assert "make vae`" not in line

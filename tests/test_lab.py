@@ -1,5 +1,7 @@
 """lab/: faults at the edges (MNIST files, writes to a full disk or a directory, a closed pipe, no memory, a bad matplotlib backend)."""
+import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -8,10 +10,8 @@ import pytest
 
 import lab.cli
 import lab.files
-import lab.machine
 import lab.mnist
-import lab.plots
-from helpers import HERE, OFFLINE_ENV, assert_user_error, make_mnist, write_idx
+from helpers import HERE, OFFLINE_ENV, assert_user_error, leftovers, make_mnist, write_idx
 
 
 # =========================================================================
@@ -138,3 +138,48 @@ def test_io_a_bad_mplbackend_does_not_stop_a_figure(tmp_path):
                           env={**os.environ, "MPLBACKEND": "nonsense"})
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------ signals during the cleanup
+
+def test_a_second_sigterm_during_the_cleanup_changes_nothing(tmp_path):
+    """make passes its own SIGTERM on to the running script, so a `kill` of make's process group
+    sends the script two: the second, here during Python's shutdown, once printed
+    'Exception ignored ... KeyboardInterrupt: signal 15'."""
+    code = """if True:
+        import atexit, os, signal, sys, time
+        import lab.files, lab.cli
+        atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.2)))
+        def main():
+            lab.files.plan_outputs([sys.argv[1]])
+            with lab.files.atomic_path(sys.argv[1]) as tmp:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+        lab.cli.run_main(main)"""
+    proc = subprocess.run([sys.executable, "-c", code, tmp_path / "out.txt"], cwd=HERE, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 130
+    assert_user_error(proc, "interrupted; nothing was completed; not written: ")
+    assert leftovers(tmp_path) == []
+
+
+def test_an_interrupt_just_after_a_rename_still_counts_the_file_as_completed(tmp_path, monkeypatch):
+    """Ctrl-C landing between the rename of a finished file and its record once made the
+    script say 'not written' of a file it had just completed."""
+    real_replace, path = os.replace, str(tmp_path / "a.json")
+
+    def replace_then_ctrl_c(src, dst):
+        real_replace(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        monkeypatch.setattr(os, "replace", replace_then_ctrl_c)
+        lab.files.plan_outputs([path])
+        with pytest.raises(KeyboardInterrupt):
+            lab.files.write_json(path, {"done": True})
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert json.loads(open(path).read()) == {"done": True}
+    assert lab.files.interrupt_message().startswith(f"interrupted; completed: {os.path.relpath(path)};")
+

@@ -1,4 +1,4 @@
-"""logreg.py: the classifier and its gradient (finite differences), the assignment's own loop, ROC and AUC against sklearn, the command line and its failures."""
+"""logreg.py: the classifier and its gradient (finite differences), the assignment's own loop, ROC and AUC against sklearn, the command line, its failures and divergence."""
 import json
 import math
 import os
@@ -12,8 +12,9 @@ import scipy.io as sio
 
 import logreg
 from lab import roc
-from helpers import (HERE, LOGREG_RANDOM_INIT, assert_rejected, assignment_get_one_hot, interrupt_at,
-                     leftovers, logreg_blobs, logreg_run, logreg_write_mat, run_cli, snapshot)
+from helpers import (HERE, LOGREG_RANDOM_INIT, assert_rejected, assignment_get_one_hot, fault_mats,
+                     interrupt_at, leftovers, logreg_blobs, logreg_run, logreg_write_mat, run_cli, snapshot,
+                     sweep_run)
 
 
 # =========================================================================
@@ -585,3 +586,77 @@ def test_logreg_out_dir_that_is_a_file_is_rejected(logreg_older_outputs, tmp_pat
     assert_rejected(proc, before, [tmp_path], "not a directory")
 
 
+# ------------------------------------------------------------------ faults (wrong numbers, true advice)
+
+
+
+@pytest.mark.parametrize("script", ["logreg.py", "experiments.sweep_logreg"])
+@pytest.mark.parametrize("bad", ["complex", "directory", "beyond_float32"])
+def test_faults_features_must_be_a_real_finite_mat(script, bad, tmp_path):
+    X, y = logreg_blobs(60, 4, seed=1)
+    good, _ = fault_mats(tmp_path, X, y)
+    path = tmp_path / "bad.mat"
+    if bad == "complex":
+        logreg_write_mat(path, X + 1j * X, y, **LOGREG_RANDOM_INIT)
+    elif bad == "directory":
+        path.mkdir()
+    else:
+        logreg_write_mat(path, X.astype(np.float64) * 1e300, y, **LOGREG_RANDOM_INIT)
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    before = snapshot(tmp_path)
+    proc = run_cli(script, "--no-progress", "--train-mat", path, "--test-mat", good, "--out-dir", out,
+                   "--figures-dir", figs, timeout=120)
+    fragment = {"complex": "must be real numbers", "directory": "is a directory",
+                "beyond_float32": "beyond float32's range"}[bad]
+    assert_rejected(proc, before, [tmp_path], fragment, str(path))
+
+
+def test_faults_standardization_of_float32_extremes_is_finite_and_exact():
+    """Columns near float32's limits: the statistics must neither overflow nor underflow, and the
+    standardized values must be what float64 arithmetic gives."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((500, 5)).astype(np.float32)
+    big = np.float32(3.4e38)
+    X[:, 0] = np.where(np.arange(500) % 3 == 0, big, -big)        # centering alone overflows float32
+    X[:, 1] = np.float32(1e30) * X[:, 1]                          # squares overflow float32
+    X[:, 2] = np.float32(1e-30) * X[:, 2]                         # squares underflow float32
+    X[:, 3] = np.float32(1e30)                                    # constant
+    for copy in (True, False):
+        Xs, mean, scale = logreg.fit_standardize(X.copy(), copy=copy)
+        X64 = X.astype(np.float64)
+        assert np.all(np.isfinite(Xs)) and np.all(np.isfinite(mean)) and np.all(np.isfinite(scale))
+        np.testing.assert_allclose(mean, X64.mean(axis=0), rtol=1e-6)
+        np.testing.assert_allclose(scale[[0, 1, 2, 4]], X64.std(axis=0)[[0, 1, 2, 4]], rtol=1e-5)
+        varied = X64[:, [0, 1, 2, 4]]
+        expected = (varied - varied.mean(axis=0)) / varied.std(axis=0)
+        np.testing.assert_allclose(Xs[:, [0, 1, 2, 4]], expected, rtol=1e-4, atol=1e-5)
+        assert np.all(Xs[:, 3] == 0)
+        np.testing.assert_array_equal(logreg.standardize(X, mean, scale), Xs)
+
+
+@pytest.mark.parametrize("args, advice", [
+    (["--reference", "--lr", "1e9"], "lower --lr"),
+    (["--lr", "1e9"], "lower --lr"),
+    (["--l2", "1e9"], "lower --l2"),
+    (["--l2", "1e9", "--lr", "0.5"], "lower --lr or --l2"),
+])
+def test_faults_a_loss_beyond_the_bound_is_divergence_with_true_advice(args, advice, tmp_path):
+    X, y = logreg_blobs(200, 16, seed=3)
+    train, test = fault_mats(tmp_path, X, y)
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    before = snapshot(tmp_path)
+    proc = logreg_run("--train-mat", train, "--test-mat", test, "--out-dir", out, "--figures-dir", figs,
+                      "--epochs", "3", *args)
+    line = assert_rejected(proc, before, [tmp_path], "diverged at epoch", advice)
+    assert line.rstrip().endswith(advice), line
+
+
+def test_faults_a_directory_where_a_result_should_be_is_named(logreg_older_outputs, tmp_path):
+    out = tmp_path / "out"
+    (out / "logreg.npz").mkdir(parents=True)
+    before = snapshot(tmp_path)
+    proc = logreg_run("--plot-only", "--out-dir", out, "--figures-dir", tmp_path / "figs")
+    assert_rejected(proc, before, [tmp_path], "logreg.npz", "is a directory")
+    (out / "sweep_logreg.json").mkdir()
+    proc = sweep_run("--plot-only", "--out-dir", out, "--figures-dir", tmp_path / "figs")
+    assert_rejected(proc, snapshot(tmp_path), [tmp_path], "sweep_logreg.json", "is a directory")

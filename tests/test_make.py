@@ -1,6 +1,6 @@
-"""Make: the pipeline end to end on tiny data, the report, settings records, and safety (nothing it did not make is touched; interrupts keep completed outputs)."""
+"""Make on a tiny pipeline: the report equals the saved results, settings records, a clean
+that removes only what the pipeline wrote, and interrupts at each stage that keep what was completed."""
 import json
-import math
 import os
 import shutil
 import signal
@@ -14,26 +14,14 @@ import pytest
 import scipy.io as sio
 import torch
 
-import lab.cli
-import lab.files
-import lab.machine
-import lab.mnist
-import lab.plots
-from helpers import (HERE, OFFLINE_ENV, assert_rejected, assert_user_error, leftovers, make_mnist, run_cli,
-                     sigint_as_in_a_terminal, snapshot)
+from helpers import (HERE, OFFLINE_ENV, checkout_copy, leftovers, make_in, make_mnist, run_make,
+                     sigint_as_in_a_terminal, snapshot, tiny_pipeline_args)
 
 
 # ------------------------------------------------------ Make and the report
 
-def run_make(*args, timeout=600):
-    """`make ARGS` in the project with this interpreter (no .venv is built)."""
-    return subprocess.run(["make", "--no-print-directory", f"PYTHON={sys.executable}", *map(str, args)],
-                          capture_output=True, text=True, cwd=HERE, timeout=timeout)
 
 
-def tiny_pipeline_args(data, top):
-    return [f"DATA={data}", "WEIGHTS=none", "LIMIT=40", "DEVICE=cpu", f"OUT={top}/out",
-            f"FIGURES={top}/figures", f"REPORT={top}/doc/REPORT.md"]
 
 
 def markdown_table(text, first_header):
@@ -95,13 +83,6 @@ def test_report_numbers_equal_the_saved_results(tiny_pipeline):
     assert all((top / "doc" / p).is_file() for p in links)
 
 
-@pytest.mark.parametrize("report", ["dir", "dir/", "new/"])
-def test_report_path_that_names_a_directory_is_one_line(report, tmp_path):
-    (tmp_path / "dir").mkdir()
-    (tmp_path / "out").mkdir()
-    before = snapshot(tmp_path)
-    proc = run_cli("experiments.report", "--out-dir", tmp_path / "out", "--report", f"{tmp_path}/{report}")
-    assert_rejected(proc, before, [tmp_path], "names a directory")
 
 
 def test_make_all_twice_does_no_work(tiny_pipeline):
@@ -110,93 +91,16 @@ def test_make_all_twice_does_no_work(tiny_pipeline):
     assert proc.returncode == 0 and sys.executable not in proc.stdout, proc.stdout
 
 
-def test_make_resumes_after_an_interrupt_without_redoing_completed_stages(tmp_path):
-    """Ctrl-C (SIGINT to make's process group) while the test split is extracted, the
-    train .mat complete; then `make all` finishes the job without redoing the train split."""
-    data = make_mnist(str(tmp_path / "data"), n_train=60, n_test=3000, seed=5)
-    settings = [a for a in tiny_pipeline_args(data, tmp_path) if not a.startswith("LIMIT=")]
-    args = ["make", "--no-print-directory", f"PYTHON={sys.executable}", "all", *settings]
-    proc = subprocess.Popen(args, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
-    splits_started = 0
-    try:
-        for line in proc.stdout:
-            splits_started += line.startswith("ResNet-50 weights:")   # printed by each split's run
-            if splits_started == 2:   # the test split's model is built; 3000 images to go
-                break
-        assert splits_started == 2, "make never reached the test split"
-        os.killpg(proc.pid, signal.SIGINT)
-        rest, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode != 0
-    assert "completed: nothing" in rest or "nothing was completed" in rest, rest
-    out = tmp_path / "out"
-    train_mtime = os.stat(out / "mnist_train.mat").st_mtime_ns
-    assert not (out / "mnist_test.mat").exists() and not list(out.glob(".*.tmp"))
-    again = run_make("all", *settings)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert "--split train" not in again.stdout and "--split test" in again.stdout
-    assert os.stat(out / "mnist_train.mat").st_mtime_ns == train_mtime
-    assert (out / "vae.pt").is_file() and (tmp_path / "doc" / "REPORT.md").is_file()
-    third = run_make("all", *settings)
-    assert third.returncode == 0 and sys.executable not in third.stdout, third.stdout
 
 
-@pytest.mark.parametrize("setting", ["DEVICE=gpu", "LIMIT=abc", "LIMIT=0", "LIMIT=-5", "OUT=a b",
-                                     "REPORT=", "FIGURES=x y", "DTYPE=float16", "DTYPE=",
-                                     "SWEEP_MODE=fast", "SWEEP_EPOCHS=0", "SWEEP_BATCH=16 x",
-                                     "ZDIMS=2 2.5", "ZDIMS=", "SWEEP_LR=", "THREADS=0", "THREADS=two"])
-def test_make_rejects_bad_settings_before_running_anything(setting, tmp_path):
-    name, _, value = setting.partition("=")
-    before = snapshot(HERE + "/artifacts") if os.path.isdir(HERE + "/artifacts") else {}
-    base = [f"OUT={tmp_path}/out", f"FIGURES={tmp_path}/fig", f"REPORT={tmp_path}/R.md"]
-    proc = run_make("all", *[a for a in base if not a.startswith(name + "=")], f"{name}={value}")
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and name in lines[0], proc.stderr
-    assert leftovers(tmp_path) == [] and proc.stdout == ""
-    assert (snapshot(HERE + "/artifacts") if os.path.isdir(HERE + "/artifacts") else {}) == before
 
 
 # ------------------------------------------------------------------ Make: safety
 
-def checkout_copy(tmp_path):
-    """The project's tracked files in a fresh git checkout, tmp_path/repo (skips without git)."""
-    listed = subprocess.run(["git", "ls-files"], cwd=HERE, capture_output=True, text=True)
-    if listed.returncode != 0:
-        pytest.skip("needs git and a git checkout of the project")
-    repo = tmp_path / "repo"
-    for name in listed.stdout.split():
-        (repo / name).parent.mkdir(parents=True, exist_ok=True)
-        (repo / name).write_bytes(open(os.path.join(HERE, name), "rb").read())
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    return repo
 
 
-def make_in(repo, *args, env=None, timeout=600):
-    return subprocess.run(["make", "--no-print-directory", f"PYTHON={sys.executable}", *map(str, args)],
-                          capture_output=True, text=True, cwd=repo, timeout=timeout,
-                          env={**os.environ, **(env or {})})
 
 
-@pytest.mark.parametrize("goal", ["clean", "all", "report"])
-@pytest.mark.parametrize("setting", ["OUT=.", "OUT=..", "OUT={repo}", "OUT={repo}/", "OUT=.ci", "FIGURES=.",
-                                     "FIGURES=..", "FIGURES=.ci", "REPORT=README.md", "REPORT=.",
-                                     "REPORT=figures", "REPORT=figures/.gitkeep"])
-def test_make_refuses_paths_that_are_the_checkout_or_tracked(goal, setting, tmp_path):
-    """`make clean OUT=$PWD` once deleted the whole checkout, .git included."""
-    repo = checkout_copy(tmp_path)
-    (repo / "artifacts").mkdir()
-    (repo / "artifacts" / "vae.pt").write_bytes(b"a result")
-    before = snapshot(tmp_path)
-    proc = make_in(repo, goal, setting.format(repo=repo))
-    line = assert_user_error(proc, setting.split("=")[0])
-    assert "checkout" in line or "tracked by git" in line, line
-    assert snapshot(tmp_path) == before and proc.stdout == ""
 
 
 def test_make_clean_removes_only_what_the_pipeline_wrote(tiny_pipeline, tmp_path):
@@ -331,25 +235,6 @@ def test_a_failing_figure_step_keeps_the_figures_it_did_not_draw(tiny_pipeline, 
     assert snapshot(tmp_path / "figures") == before
 
 
-def test_a_second_sigterm_during_the_cleanup_changes_nothing(tmp_path):
-    """make passes its own SIGTERM on to the running script, so a `kill` of make's process group
-    sends the script two: the second, here during Python's shutdown, once printed
-    'Exception ignored ... KeyboardInterrupt: signal 15'."""
-    code = """if True:
-        import atexit, os, signal, sys, time
-        import lab.files, lab.cli
-        atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.2)))
-        def main():
-            lab.files.plan_outputs([sys.argv[1]])
-            with lab.files.atomic_path(sys.argv[1]) as tmp:
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(5)
-        lab.cli.run_main(main)"""
-    proc = subprocess.run([sys.executable, "-c", code, tmp_path / "out.txt"], cwd=HERE, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 130
-    assert_user_error(proc, "interrupted; nothing was completed; not written: ")
-    assert leftovers(tmp_path) == []
 
 
 def test_a_killed_run_leaves_temp_files_that_clean_removes(tiny_pipeline, tmp_path):
@@ -363,25 +248,6 @@ def test_a_killed_run_leaves_temp_files_that_clean_removes(tiny_pipeline, tmp_pa
     assert make_in(repo, "clean", *settings).returncode == 0
     assert not temps() and not (tmp_path / "run" / "out").exists()
 
-def test_an_interrupt_just_after_a_rename_still_counts_the_file_as_completed(tmp_path, monkeypatch):
-    """Ctrl-C landing between the rename of a finished file and its record once made the
-    script say 'not written' of a file it had just completed."""
-    real_replace, path = os.replace, str(tmp_path / "a.json")
-
-    def replace_then_ctrl_c(src, dst):
-        real_replace(src, dst)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        monkeypatch.setattr(os, "replace", replace_then_ctrl_c)
-        lab.files.plan_outputs([path])
-        with pytest.raises(KeyboardInterrupt):
-            lab.files.write_json(path, {"done": True})
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    assert json.loads(open(path).read()) == {"done": True}
-    assert lab.files.interrupt_message().startswith(f"interrupted; completed: {os.path.relpath(path)};")
 
 def assert_make_failed_in_one_line(proc):
     """The script's one line, then make's own '*** ... Error' line; no traceback."""
@@ -428,26 +294,23 @@ def test_the_same_data_path_written_differently_is_the_same_setting(tiny_pipelin
         assert proc.returncode == 0 and sys.executable not in proc.stdout, proc.stdout
 
 
+# ------------------------------------------------------------------ faults (wrong numbers, true advice)
+
+def test_faults_make_rebuilds_a_missing_metrics_file_that_the_report_reads(tiny_pipeline, tmp_path):
+    settings = pipeline_copy(tiny_pipeline, tmp_path)
+    for target, metrics, script in (("vae", "vae_metrics.json", "vae.py"),
+                                    ("logreg", "logreg_metrics.json", "logreg.py")):
+        dry = run_make("-n", target, *settings)
+        assert dry.returncode == 0 and script not in dry.stdout, dry.stdout
+        os.remove(tmp_path / "out" / metrics)
+        dry = run_make("-n", target, *settings)
+        assert dry.returncode == 0 and f"{script} " in dry.stdout, dry.stdout + dry.stderr
+    proc = run_make("report", *settings)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = (tmp_path / "doc" / "REPORT.md").read_text()
+    assert "## Variational autoencoder" in report and "## Logistic regression" in report
+    records = sorted(p.name for p in (tmp_path / "out").glob(".*.args"))
+    assert ".vae.pt.args" in records and ".vae_metrics.json.args" not in records
+    assert sys.executable not in run_make("all", *settings).stdout     # and nothing is left to do
 
 
-# --------------------------------------------------------- README's worked example
-
-def test_readme_example_hidden_512_then_make_vae_trains_the_edit(tmp_path):
-    """README, "Changing the models": `HIDDEN = 400` -> `HIDDEN = 512` in vae.py, then `make vae`:
-    Make retrains, and the checkpoint it leaves is the wider model, trained."""
-    readme = open(os.path.join(HERE, "README.md")).read()
-    assert "`HIDDEN = 400`" in readme and "`HIDDEN = 512`" in readme and "`make vae`" in readme
-    repo = checkout_copy(tmp_path)
-    data = make_mnist(str(tmp_path / "data"), n_train=60, n_test=40, seed=5)
-    settings = [f"DATA={data}", "LIMIT=40", "DEVICE=cpu", "THREADS=1"]
-    assert make_in(repo, "vae", *settings).returncode == 0
-    source = (repo / "vae.py").read_text()
-    assert source.count("HIDDEN = 400\n") == 1
-    (repo / "vae.py").write_text(source.replace("HIDDEN = 400\n", "HIDDEN = 512\n"))
-    proc = make_in(repo, "vae", *settings)
-    assert proc.returncode == 0 and "vae.py --data-root" in proc.stdout, proc.stdout + proc.stderr
-    ckpt = torch.load(repo / "artifacts" / "vae.pt", weights_only=True)
-    assert ckpt["model"]["encoder.fc1.weight"].shape == (512, 784)
-    assert ckpt["model"]["decoder.fc3.weight"].shape == (512, ckpt["config"]["z_dim"])
-    losses = ckpt["train_loss"]
-    assert len(losses) == 15 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]

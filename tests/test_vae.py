@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 
 import numpy as np
@@ -615,3 +616,54 @@ def test_vae_interrupt_leaves_each_output_complete_or_absent(moment, sig, vae_da
         assert json.loads((out / "vae_metrics.json").read_text())["epochs"] == 2
 
 
+# ------------------------------------------------------------------ faults (wrong numbers, true advice)
+
+@pytest.mark.parametrize("kind", ["checkpoint", "bare_state_dict", "history"])
+def test_faults_a_vae_checkpoint_with_nan_stops_before_any_figure(kind, vae_trained, vae_data_root, tmp_path):
+    ckpt = torch.load(vae_trained / "vae.pt", weights_only=True)
+    if kind == "history":
+        ckpt["test_loss"][-1] = math.nan
+    else:
+        ckpt["model"]["decoder.fc3.weight"][0, 0] = math.nan
+    path = tmp_path / "nan.pt"
+    torch.save(ckpt if kind != "bare_state_dict" else ckpt["model"], path)
+    figs = tmp_path / "figs"
+    shutil.copytree(vae_trained / "figs", figs)
+    before = snapshot(tmp_path)
+    proc = vae_in_process("--plot-only", "--checkpoint", path, "--figures-dir", figs, "--data-root", vae_data_root)
+    fragment = "'test_loss' holds NaN" if kind == "history" else "decoder.fc3.weight holds NaN"
+    assert_rejected(proc, before, [tmp_path], str(path), fragment, "make vae")
+
+
+@pytest.mark.parametrize("script, args, flag", [
+    ("vae.py", ["--z-dim", "10000000"], "lower --z-dim"),
+    ("experiments.sweep_vae", ["--z-dims", "2", "10000000"], "lower --z-dims"),
+])
+def test_faults_a_model_too_large_for_memory_fails_before_any_work(script, args, flag, tmp_path):
+    before = snapshot(tmp_path)
+    proc = run_cli(script, *args, "--data-root", tmp_path / "no_data", "--out-dir", tmp_path / "out",
+                   "--figures-dir", tmp_path / "figs", "--device", "cpu", env=OFFLINE_ENV, timeout=120)
+    assert proc.returncode == 2
+    assert_rejected(proc, before, [tmp_path], "GB of memory", "Adam's two moments", flag)
+
+
+def test_faults_the_memory_check_blames_the_batch_when_the_batch_is_what_is_large(monkeypatch):
+    monkeypatch.setattr(vae, "free_memory", lambda device: 100e6)
+    vae.check_memory([20], 64, None, torch.device("cpu"))          # 12 MB: fits
+    with pytest.raises(vae.UserError, match="lower --batch-size$"):
+        vae.check_memory([20], 10 ** 9, None, torch.device("cpu"))   # capped at 60000 images: 1.6 GB
+    assert vae.parameter_count(7) == sum(p.numel() for p in vae.VAE(7).parameters())
+
+
+@pytest.mark.parametrize("script, flag", [("vae.py", "--figures-dir"), ("vae.py", "--out-dir"),
+                                          ("experiments.sweep_vae", "--out-dir"), ("experiments.sweep_vae", "--figures-dir")])
+def test_faults_an_output_dir_that_is_a_dangling_symlink_fails_before_training(script, flag, vae_data_root, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    os.symlink(tmp_path / "missing", tmp_path / "link")
+    dirs = {"--out-dir": work / "out", "--figures-dir": work / "figs", flag: tmp_path / "link"}
+    before = snapshot(work)
+    proc = run_cli(script, *[a for kv in dirs.items() for a in map(str, kv)], "--data-root", vae_data_root,
+                   "--epochs", "1", "--limit", "64", "--device", "cpu", env=OFFLINE_ENV, timeout=120)
+    assert_rejected(proc, before, [work], "symlink", "does not exist")
+    assert proc.stdout == "" and sorted(os.listdir(tmp_path)) == ["link", "work"]    # nothing trained
