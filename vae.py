@@ -273,7 +273,6 @@ def check_memory(z_dims, batch_size, limit, device, flag="--z-dim"):
                         f"on {device.type}; lower {flag if weights >= activations else '--batch-size'}")
 
 
-
 def adam(parameters, lr):
     """torch.optim.Adam, with its fused kernel where this build has one for the
     parameters' device (Adam refuses fused=True otherwise, and the plain one runs)."""
