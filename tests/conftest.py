@@ -8,6 +8,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the checkout
 
+# The tests run make as a user does, from a shell: under `make test` they would otherwise
+# inherit its MAKELEVEL and flags, and their make would speak as a sub-make ("make[1]: ...").
+for name in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES"):
+    os.environ.pop(name, None)
+
 from helpers import VAE_N_TEST, VAE_N_TRAIN, make_mnist, run_cli  # noqa: E402
 
 # ------------------------------------------------------------------ fixtures
