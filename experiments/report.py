@@ -5,8 +5,8 @@ logreg.npz, vae_metrics.json, vae.pt, sweep_logreg.json, sweep_vae.json) and the
 figures beside them; it never trains. A stage that has not run yet is listed
 with the command that runs it.
 
-    python report.py                                   # artifacts/ + figures/ -> REPORT.md
-    python report.py --out-dir /tmp/a --figures-dir /tmp/f --report /tmp/REPORT.md
+    python -m experiments.report                                   # artifacts/ + figures/ -> REPORT.md
+    python -m experiments.report --out-dir /tmp/a --figures-dir /tmp/f --report /tmp/REPORT.md
 """
 import datetime
 import os

@@ -1,10 +1,10 @@
 """`make sweep-logreg`: the assignment's "modify BATCH_SIZE / LR to see change in performance"
 as one grid of logreg.py trainings, recorded epoch by epoch and drawn on one figure.
 
-    python sweep_logreg.py                                # batch {16,64,256,1024} x lr {1e-4..1e-1}, 20 epochs
-    python sweep_logreg.py --batch-sizes 64 256 --lrs 1e-3 1e-2 --epochs 5
-    python sweep_logreg.py --mode default                # logreg.py's default training instead
-    python sweep_logreg.py --plot-only                   # re-render the figure from the JSON
+    python -m experiments.sweep_logreg                                # batch {16,64,256,1024} x lr {1e-4..1e-1}, 20 epochs
+    python -m experiments.sweep_logreg --batch-sizes 64 256 --lrs 1e-3 1e-2 --epochs 5
+    python -m experiments.sweep_logreg --mode default                # logreg.py's default training instead
+    python -m experiments.sweep_logreg --plot-only                   # re-render the figure from the JSON
 
 Each configuration trains on the training rows left after a validation split carved from the
 training set (--val-fraction, the same rows for all), and records per epoch its training loss,

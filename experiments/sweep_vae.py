@@ -7,9 +7,9 @@ all of them, each on an equal share of torch's threads). So the z_dim-20 run of 
 sweep is a lone `vae.py` run with the same settings and thread count (the tests
 check it, exactly).
 
-    python sweep_vae.py --data-root data --out-dir artifacts --figures-dir figures
-    python sweep_vae.py --z-dims 2 20 --epochs 2 --limit 2000      # a quick look
-    python sweep_vae.py --plot-only                                 # figures from OUT/sweep_vae/
+    python -m experiments.sweep_vae --data-root data --out-dir artifacts --figures-dir figures
+    python -m experiments.sweep_vae --z-dims 2 20 --epochs 2 --limit 2000      # a quick look
+    python -m experiments.sweep_vae --plot-only                                 # figures from OUT/sweep_vae/
 """
 import dataclasses
 import io

@@ -15,7 +15,7 @@ from helpers import HERE, OFFLINE_ENV, assert_user_error, leftovers, make_mnist,
 
 
 # =========================================================================
-# labio.py: faults at the edges (data files, writes, pipes, memory, backends)
+# lab/: faults at the edges (data files, writes, pipes, memory, backends)
 # =========================================================================
 
 

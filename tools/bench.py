@@ -1,8 +1,8 @@
 """`make bench`: the lab's speed, as ratios against reference implementations
 measured in the same run on this machine (never absolute times in tests).
 
-    python bench.py --data-root ../shared/data            # every section
-    python bench.py --only features
+    python -m tools.bench --data-root ../shared/data            # every section
+    python -m tools.bench --only features
 
 The logreg section needs the full features (`make features`; random-init
 weights are fine for speed); the VAE section needs the real MNIST.
