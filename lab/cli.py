@@ -27,6 +27,12 @@ class UserError(Exception):
     """A mistake the user can fix; printed as one line, without a traceback."""
 
 
+def first_line(exc):
+    """``Type: first line of the message``, for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def _is_out_of_memory(exc):
     # torch reports a failed CPU allocation as a RuntimeError, a CUDA one as its OutOfMemoryError.
     return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (

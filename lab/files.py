@@ -7,8 +7,9 @@ import errno
 import json
 import os
 import tempfile
+import warnings
 
-from lab.cli import UserError
+from lab.cli import UserError, first_line
 
 
 # What this run means to write (plan_outputs) and what atomic_path finished, in
@@ -131,17 +132,32 @@ def write_json(path, obj):
 
 
 def read_json(path, make_target):
-    """A results JSON file; a missing or unreadable one is a UserError naming the Make target
-    that writes it."""
-    if os.path.isdir(path):
-        raise UserError(f"{path!r} is a directory, not a results file; move it away and run `make {make_target}`")
-    if not os.path.isfile(path):
-        raise UserError(f"{path!r} not found; run `make {make_target}` first")
-    try:
+    """A results JSON file, read through ``reading``."""
+    with reading(path, make_target):
         with open(path) as f:
             return json.load(f)
-    except (OSError, ValueError) as exc:   # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise UserError(f"cannot read {path!r} as JSON ({exc}); run `make {make_target}` again") from None
+
+
+@contextlib.contextmanager
+def reading(path, make_target):
+    """Read and check an output of the pipeline inside this block: the one mechanism for damaged
+    files. A missing file, a directory, or any error that the loader or a check raises (np.load,
+    loadmat, torch.load(weights_only=True), load_state_dict(strict=True), a dataclass's
+    constructor, a KeyError...) becomes one UserError whose advice repairs it: removing the damaged
+    file is what makes `make TARGET` rebuild it, since make judges by dates, not content."""
+    if not os.path.lexists(path):
+        raise UserError(f"{path!r} not found; run `make {make_target}` first")
+    if os.path.isdir(path):
+        raise UserError(f"{path!r} is a directory, not a results file; move it away and run `make {make_target}`")
+    try:
+        with warnings.catch_warnings():   # a damaged file can make a loader warn before it fails
+            warnings.simplefilter("ignore")
+            yield
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"{path!r} is damaged or not what the pipeline wrote ({first_line(exc)}); "
+                        f"remove it and rebuild it: rm -f {path!r} && make {make_target}") from None
 
 
 def first_non_finite(state_dict):
