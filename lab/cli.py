@@ -27,6 +27,17 @@ class UserError(Exception):
     """A mistake the user can fix; printed as one line, without a traceback."""
 
 
+def _interrupted_while_starting(kind, value, traceback):
+    """A Ctrl-C before run_main starts (while torch is imported, say) is one line too."""
+    if issubclass(kind, KeyboardInterrupt):
+        print(f"{os.path.basename(sys.argv[0])}: interrupted while starting; nothing was written", file=sys.stderr)
+        sys.exit(130)   # SystemExit raised in a hook ends the process with this status
+    sys.__excepthook__(kind, value, traceback)
+
+
+sys.excepthook = _interrupted_while_starting   # every script imports lab.cli before torch
+
+
 def first_line(exc):
     """``Type: first line of the message``, for one-line errors."""
     text = str(exc).strip().splitlines()

@@ -1,7 +1,6 @@
-"""Output files: atomic writes (temp file + rename), early checks that an output
-can be created, the record of what this run completed (for the interrupt
-message), JSON results, and the check that loaded weights are finite.
-"""
+"""Output files: atomic writes (temp file + rename), the record of what this run completed (for the
+interrupt message) and of the settings an output was built with (for make), early checks that an
+output can be created, and the one way to read a pipeline output back."""
 import contextlib
 import errno
 import json
@@ -11,9 +10,8 @@ import warnings
 
 from lab.cli import UserError, first_line
 
-
-# What this run means to write (plan_outputs) and what atomic_path finished, in
-# order, so that an interrupt can say exactly which outputs are complete.
+# What this run means to write and what atomic_path finished, in order, so that an interrupt can
+# say exactly which outputs are complete.
 _PLANNED = []
 _WRITTEN = []
 
@@ -25,60 +23,45 @@ def plan_outputs(paths):
 
 
 def completed():
-    """The outputs this run has completed so far, in order."""
     return list(_WRITTEN)
 
 
 def outputs_message():
     """Which planned outputs this run completed and which it did not write."""
-    done = list(_WRITTEN)
+    def names(paths):
+        return ", ".join(os.path.relpath(p) for p in paths)
     missing = [p for p in _PLANNED if p not in _WRITTEN]
-    rel = lambda paths: ", ".join(os.path.relpath(p) for p in paths)  # noqa: E731
-    parts = [f"completed: {rel(done)}" if done else "nothing was completed"]
-    if missing:
-        parts.append(f"not written: {rel(missing)}")
-    return "; ".join(parts) + "; no partial file was left behind"
+    parts = [f"completed: {names(_WRITTEN)}" if _WRITTEN else "nothing was completed"]
+    parts += [f"not written: {names(missing)}"] if missing else []
+    return "; ".join(parts + ["no partial file was left behind"])
 
 
 def interrupt_message():
-    """'interrupted; ...' saying which outputs were completed and which were not written."""
     return "interrupted; " + outputs_message()
 
 
-def ensure_writable_dir(path):
-    """Create ``path`` if needed and check that we can write into it."""
-    check_can_create(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output directory {path!r}: {exc.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UserError(f"output directory {path!r} is not writable")
-
-
 def check_can_create(path):
-    """Fail early if directory ``path`` could not be created or written, without creating it.
-
-    Symlinks are followed as the later writes will follow them, so a link to a
-    missing folder anywhere on the path (os.makedirs cannot create through one),
-    or a path that runs through a file, fails here, before any work.
-    """
+    """Fail before any work if directory ``path`` could not be created or written, creating nothing.
+    Symlinks are followed as the writes will follow them: os.makedirs cannot create through a
+    dangling one."""
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         if os.path.islink(probe):
-            where = "" if probe == os.path.abspath(path) else f": {probe!r}"
-            raise UserError(f"output directory {path!r}{where} is a symlink to {os.readlink(probe)!r}, "
+            raise UserError(f"output directory {path!r}: {probe!r} is a symlink to {os.readlink(probe)!r}, "
                             "which does not exist; create it or give another directory")
         probe = os.path.dirname(probe)
-    probe = os.path.realpath(probe)
-    if not os.path.isdir(probe):
+    if not os.path.isdir(os.path.realpath(probe)):
         raise UserError(f"cannot create output directory {path!r}: {probe!r} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"output directory {path!r} is not writable")
 
 
+def ensure_writable_dir(path):
+    check_can_create(path)
+    os.makedirs(path, exist_ok=True)
+
+
 def check_can_write_file(path):
-    """Fail early if file ``path`` could not be written (a directory, or no writable folder)."""
     if os.path.isdir(path) or path.endswith(os.sep):
         raise UserError(f"cannot write {path!r}: it names a directory; give a file path")
     check_can_create(os.path.dirname(os.path.abspath(path)))
@@ -86,18 +69,14 @@ def check_can_write_file(path):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary path beside ``path``; rename it over ``path`` on success.
-
-    On any exception (Ctrl-C and SIGTERM included) the temporary file is
-    removed, so ``path`` is either the old file or the complete new one. A
-    write that the system refuses (a full disk, a read-only folder) becomes a
-    UserError naming the file.
-    """
+    """Yield a temporary path beside ``path``; rename it over ``path`` on success, so that ``path``
+    is the old file or the complete new one, never a part. Any failure (Ctrl-C and SIGTERM
+    included) removes the temporary file; a write that the system refuses becomes a one-line
+    UserError. Once ``path`` is complete, the settings that make gave for it (LAB_RECORD,
+    LAB_SETTINGS) are recorded beside it, as OUT/.NAME.args."""
     check_can_write_file(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    ensure_writable_dir(directory)
-    base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
+    ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path) or ".")
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -107,35 +86,39 @@ def atomic_path(path):
         yield tmp
         os.replace(tmp, path)
         _WRITTEN.append(done)
+        if os.path.abspath(os.environ.get("LAB_RECORD", "")) == done:
+            record = os.path.join(os.path.dirname(done), f".{os.path.basename(done)}.args")
+            with open(record + ".tmp", "w") as f:
+                f.write(os.environ.get("LAB_SETTINGS", "") + "\n")
+            os.replace(record + ".tmp", record)
     except BaseException as exc:
         if os.path.exists(tmp):
             with contextlib.suppress(OSError):
                 os.remove(tmp)
         elif done not in _WRITTEN:   # interrupted just after the rename: the file is complete
             _WRITTEN.append(done)
+        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "failed writing" in str(exc)
+        if full:   # torch.save reports a full disk as a RuntimeError
+            raise UserError(f"cannot write {path!r}: no space left on the device; free some space and run again") \
+                from None
         if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError):
-            raise UserError(write_failure(path, exc)) from None
+            raise UserError(f"cannot write {path!r}: {exc.strerror or exc}") from None
         raise
 
 
-def write_failure(path, exc):
-    """One line for an OSError raised while writing ``path``."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return f"cannot write {path!r}: no space left on the device; free some space and run again"
-    return f"cannot write {path!r}: {exc.strerror or exc}"
+def write_text(path, text):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def write_json(path, obj):
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(path, make_target):
     """A results JSON file, read through ``reading``."""
-    with reading(path, make_target):
-        with open(path) as f:
-            return json.load(f)
+    with reading(path, make_target), open(path) as f:
+        return json.load(f)
 
 
 @contextlib.contextmanager
@@ -161,9 +144,8 @@ def reading(path, make_target):
 
 
 def first_non_finite(state_dict):
-    """The name of the first floating tensor of ``state_dict`` holding a NaN or an
-    infinity, or None. Loaded weights are checked so that a damaged file stops the
-    run instead of turning every number after it into a quiet NaN or zero."""
+    """The name of the first floating tensor of ``state_dict`` holding a NaN or an infinity, or None:
+    a damaged file must stop the run, not turn every number after it into a quiet NaN."""
     import torch
 
     for name, value in state_dict.items():
