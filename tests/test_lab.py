@@ -183,3 +183,57 @@ def test_an_interrupt_just_after_a_rename_still_counts_the_file_as_completed(tmp
     assert json.loads(open(path).read()) == {"done": True}
     assert lab.files.interrupt_message().startswith(f"interrupted; completed: {os.path.relpath(path)};")
 
+
+
+# ------------------------------------------------------------------ records, damaged outputs, startup
+
+def test_the_settings_record_is_written_as_soon_as_its_output_is_complete(tmp_path, monkeypatch):
+    """make names the output to record (LAB_RECORD); an interrupt after it, while the figures are
+    drawn, once left the output without a record, and the next make retrained."""
+    monkeypatch.setenv("LAB_RECORD", str(tmp_path / "vae.pt"))
+    monkeypatch.setenv("LAB_SETTINGS", "LIMIT=40 ZDIM=")
+    lab.files.plan_outputs([tmp_path / "metrics.json", tmp_path / "vae.pt"])
+    lab.files.write_json(str(tmp_path / "metrics.json"), {})
+    assert leftovers(tmp_path) == ["metrics.json"]
+    lab.files.write_json(str(tmp_path / "vae.pt"), {})
+    assert (tmp_path / ".vae.pt.args").read_text() == "LIMIT=40 ZDIM=\n"
+    assert leftovers(tmp_path) == [".vae.pt.args", "metrics.json", "vae.pt"]
+    assert ".args" not in lab.files.outputs_message()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing key", "directory", "absent"])
+def test_reading_a_damaged_output_is_one_line_whose_advice_repairs_it(damage, tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text('{"a": 1}' if damage == "missing key" else '{"a": ' if damage == "truncated" else "")
+    if damage in ("directory", "absent"):
+        path.unlink()
+        if damage == "directory":
+            path.mkdir()
+    with pytest.raises(lab.cli.UserError) as err:
+        with lab.files.reading(str(path), "vae"):
+            json.load(open(path))["b"]
+    message = str(err.value)
+    assert "\n" not in message and "make vae" in message
+    expected = {"truncated": f"rm -f '{path}' && make vae", "missing key": "KeyError: 'b'",
+                "directory": "move it away", "absent": "not found"}
+    assert expected[damage] in message
+
+
+def test_a_full_disk_during_torch_save_is_one_line(tmp_path, monkeypatch):
+    import torch
+
+    def failing_save(obj, path):
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file data/0")
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(lab.cli.UserError, match="no space left on the device"):
+        with lab.files.atomic_path(str(tmp_path / "vae.pt")) as tmp:
+            torch.save({}, tmp)
+    assert leftovers(tmp_path) == []
+
+
+def test_ctrl_c_while_a_script_imports_torch_is_one_line():
+    code = "import sys; sys.argv[0] = 'vae.py'; import lab.cli, os, signal; os.kill(os.getpid(), signal.SIGINT); import torch"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
+    assert proc.returncode == 130
+    assert_user_error(proc, "vae.py: interrupted while starting")

@@ -210,8 +210,9 @@ def test_make_interrupted_at_each_stage_keeps_what_the_scripts_completed(stage, 
     settings = pipeline_copy(tiny_pipeline, tmp_path)
     if stale.startswith("touch "):
         os.utime(tmp_path / stale.split()[1])
-    else:
+    else:   # a fresh run: its settings record too, which must be written once the output is complete
         os.remove(tmp_path / stale)
+        (tmp_path / stale).with_name(f".{os.path.basename(stale)}.args").unlink(missing_ok=True)
     before = mtime(tmp_path / moment)
     code, output = interrupt_make_when(lambda: mtime(tmp_path / moment) != before, goal, *settings, sig=sig)
     assert code != 0
@@ -257,15 +258,13 @@ def assert_make_failed_in_one_line(proc):
     return lines[0]
 
 
-@pytest.mark.parametrize("bad", ["WEIGHTS=/nonexistent.pth", "DEVICE=cuda", "DATA={tmp}/nodata"])
+@pytest.mark.parametrize("bad", ["WEIGHTS=/nonexistent.pth", "DATA={tmp}/nodata", "EPOCHS=2 WEIGHTS=/no.pth"])
 def test_a_failed_run_changes_no_settings_record_and_creates_nothing(bad, tiny_pipeline, tmp_path):
     """`make all WEIGHTS=/nonexistent.pth` once rewrote the settings stamp, so the next good
     `make all` redid everything; DATA=/nonexistent created /nonexistent/MNIST/raw."""
-    if bad == "DEVICE=cuda" and torch.cuda.is_available():
-        pytest.skip("DEVICE=cuda works on this machine")
     settings = pipeline_copy(tiny_pipeline, tmp_path)
     before = snapshot(tmp_path)
-    proc = make_in(HERE, "all", *settings, bad.format(tmp=tmp_path), env=OFFLINE_ENV)
+    proc = make_in(HERE, "all", *settings, *bad.format(tmp=tmp_path).split(), env=OFFLINE_ENV)
     assert_make_failed_in_one_line(proc)
     assert snapshot(tmp_path) == before
     again = run_make("all", *settings)
@@ -285,13 +284,56 @@ def test_a_failed_sweep_keeps_the_record_of_the_last_good_one(tiny_pipeline, tmp
     assert again.returncode == 0 and sys.executable not in again.stdout, again.stdout
 
 
-def test_the_same_data_path_written_differently_is_the_same_setting(tiny_pipeline, tmp_path):
-    """DATA=../shared/data/, with a trailing slash, once rebuilt everything."""
+def test_the_same_settings_written_differently_rebuild_nothing(tiny_pipeline, tmp_path):
+    """DATA=../shared/data/, with a trailing slash, once rebuilt everything; so did DATA through a
+    symlink, DEVICE=auto after DEVICE=cpu (the same device here), and another thread count."""
     settings = pipeline_copy(tiny_pipeline, tmp_path)
     data = next(a for a in settings if a.startswith("DATA=")).partition("=")[2]
-    for same in (data + "/", os.path.relpath(data, HERE), "./" + os.path.relpath(data, HERE) + "/"):
-        proc = run_make("all", *settings, f"DATA={same}")
+    os.symlink(data, tmp_path / "link")
+    for same in (data + "/", os.path.relpath(data, HERE), "./" + os.path.relpath(data, HERE) + "/", tmp_path / "link"):
+        proc = run_make("all", *settings, f"DATA={same}", "DEVICE=auto", "THREADS=1")
         assert proc.returncode == 0 and sys.executable not in proc.stdout, proc.stdout
+
+
+def test_render_goals_never_train_and_a_changed_setting_retrains_only_its_stage(tiny_pipeline, tmp_path):
+    """`make figures` without the LIMIT/WEIGHTS of the run, or after lab/plots.py changed, once
+    re-extracted and retrained; `make report` once retrained a missing stage."""
+    settings = pipeline_copy(tiny_pipeline, tmp_path)
+    bare = [a for a in settings if not a.startswith(("LIMIT=", "WEIGHTS="))]
+    os.utime(tmp_path / "out" / "logreg.npz")
+    (tmp_path / "out" / "vae_metrics.json").unlink()
+    for goal in ("figures", "report"):
+        proc = run_make(goal, *bare)
+        assert proc.returncode == 0, proc.stderr
+        assert "--plot-only" in proc.stdout or goal == "report", proc.stdout
+        assert not [s for s in ("extract_features.py", "--train-mat", "vae.py --data-root") if s in proc.stdout]
+    assert "VAE" in (tmp_path / "doc" / "REPORT.md").read_text()
+    proc = run_make("all", *settings, "EPOCHS=2")   # logreg and the VAE read EPOCHS, the features do not
+    assert proc.returncode == 0, proc.stderr
+    assert "extract_features.py" not in proc.stdout and "--epochs 2" in proc.stdout, proc.stdout
+    assert len(json.load(open(tmp_path / "out" / "vae_metrics.json"))["train_loss_per_epoch"]) == 2
+    assert sys.executable not in run_make("all", *settings, "EPOCHS=2").stdout
+
+
+def test_make_figures_on_empty_out_is_one_line(tmp_path):
+    proc = run_make("figures", f"OUT={tmp_path}/out", f"FIGURES={tmp_path}/figures")
+    assert_make_failed_in_one_line(proc)
+    assert "make all" in proc.stderr and not (tmp_path / "figures").exists()
+
+
+def test_damaged_output_advice_repairs_it(tiny_pipeline, tmp_path):
+    """`truncate -s 100000 vae.pt; make figures` said "rerun `make vae`", and `make vae` then did nothing."""
+    settings = pipeline_copy(tiny_pipeline, tmp_path)
+    for name, goal in (("vae.pt", "figures"), ("logreg.npz", "figures"), ("vae_metrics.json", "report")):
+        path = tmp_path / "out" / name
+        path.write_bytes(path.read_bytes()[:100])
+        line = assert_make_failed_in_one_line(run_make(goal, *settings))
+        advice = line.partition("remove it and rebuild it: ")[2]
+        assert advice.startswith("rm -f ") and " && make " in advice, line
+        target = advice.rpartition("make ")[2]
+        os.remove(path)
+        assert run_make(target, *settings).returncode == 0
+        assert run_make(goal, *settings).returncode == 0
 
 
 # ------------------------------------------------------------------ faults (wrong numbers, true advice)
@@ -305,12 +347,10 @@ def test_faults_make_rebuilds_a_missing_metrics_file_that_the_report_reads(tiny_
         os.remove(tmp_path / "out" / metrics)
         dry = run_make("-n", target, *settings)
         assert dry.returncode == 0 and f"{script} " in dry.stdout, dry.stdout + dry.stderr
-    proc = run_make("report", *settings)
+    proc = run_make("all", *settings)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = (tmp_path / "doc" / "REPORT.md").read_text()
     assert "## Variational autoencoder" in report and "## Logistic regression" in report
     records = sorted(p.name for p in (tmp_path / "out").glob(".*.args"))
     assert ".vae.pt.args" in records and ".vae_metrics.json.args" not in records
     assert sys.executable not in run_make("all", *settings).stdout     # and nothing is left to do
-
-
