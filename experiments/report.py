@@ -1,77 +1,68 @@
-"""Write REPORT.md: one page with every result of this checkout's artifacts.
+"""Write REPORT.md: one page with every result and figure that the pipeline saved.
 
-Reads only what the other scripts saved (the .mat metadata, logreg_metrics.json,
-logreg.npz, vae_metrics.json, vae.pt, sweep_logreg.json, sweep_vae.json) and the
-figures beside them; it never trains. A stage that has not run yet is listed
-with the command that runs it.
+Reads only the saved outputs (the .mat metadata, logreg_metrics.json, logreg.npz, vae_metrics.json,
+sweep_logreg.json, sweep_vae.json) and the figures beside them; it never trains. A stage that has
+not run is listed with the command that runs it.
 
-    python -m experiments.report                                   # artifacts/ + figures/ -> REPORT.md
-    python -m experiments.report --out-dir /tmp/a --figures-dir /tmp/f --report /tmp/REPORT.md
+    python -m experiments.report --out-dir artifacts --figures-dir figures --report REPORT.md
 """
 import datetime
 import os
 
 from lab.cli import ArgumentParser, UserError, run_main
-from lab.files import atomic_path, check_can_write_file, read_json
+from lab.files import check_can_write_file, read_json, reading, write_text
 from lab.machine import ISA_FLAGS, cpu_model_and_flags
 
-# The assignment's published numbers, shown beside ours for comparison.
+# The assignment's published numbers, shown beside ours.
 ASSIGNMENT_ACCURACY = 0.9705          # logistic regression on pretrained ResNet-50 features
-ASSIGNMENT_VAE_LOSS = {1: 146.35, 15: 104.39}   # VAE training loss per sample, epochs 1 and 15
-
-LOGREG_FIGURES = ("logreg_test_accuracy.png", "roc.png", "confusion_matrix.png")
-VAE_FIGURES = ("vae_loss.png", "vae_reconstructions.png", "vae_samples.png", "vae_latent.png",
-               "vae_interpolation.png")
-SWEEP_LOGREG_FIGURES = ("sweep_logreg.png",)
-SWEEP_VAE_FIGURES = ("sweep_vae_loss.png", "sweep_vae_reconstructions.png", "vae_manifold_2d.png",
-                     "vae_latent_2d.png")
-
-
-# ----------------------------------------------------------------- reading
-
-def read_result(path, make_target):
-    """A results JSON file, or None when its stage has not run yet."""
-    return read_json(path, make_target) if os.path.exists(path) else None   # a directory there is an error
+ASSIGNMENT_VAE_LOSS = {1: 146.35, 15: 104.39}   # VAE training loss per image, epochs 1 and 15
+FIGURES = {
+    "logreg": ("logreg_test_accuracy.png", "roc.png", "confusion_matrix.png"),
+    "vae": ("vae_loss.png", "vae_reconstructions.png", "vae_samples.png", "vae_latent.png", "vae_interpolation.png"),
+    "sweep_logreg": ("sweep_logreg.png",),
+    "sweep_vae": ("sweep_vae_loss.png", "sweep_vae_reconstructions.png", "vae_manifold_2d.png", "vae_latent_2d.png"),
+}
 
 
 def read_mat_metadata(path):
-    """The metadata and the sample count of a features .mat, without loading its features."""
+    """The metadata and sample count of a features .mat, without loading its features."""
     import numpy as np
     import scipy.io as sio
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         return None
-    try:
+    with reading(path, "features"):
         shapes = {name: shape for name, shape, _ in sio.whosmat(path)}
         mat = sio.loadmat(path, variable_names=sorted(set(shapes) - {"features", "labels"}))
-    except Exception as exc:   # scipy raises several types for a damaged or foreign file
-        raise UserError(f"cannot read {path!r} as a features .mat ({type(exc).__name__}); "
-                        "run `make features` again") from None
-    meta = {}
-    for key, value in mat.items():
-        if key.startswith("__"):
-            continue
-        value = np.squeeze(value)
-        meta[key] = str(value) if value.dtype.kind in "US" else (value.item() if value.size == 1 else value.tolist())
-    meta["n"] = int(shapes["features"][0])
-    return meta
+        meta = {key: np.squeeze(value) for key, value in mat.items() if not key.startswith("__")}
+        meta = {key: str(v) if v.dtype.kind in "US" else v.item() for key, v in meta.items() if v.size == 1}
+        return {**meta, "n": int(shapes["features"][0])}
 
 
 def read_logreg_history(path):
-    """Per-epoch test accuracy from logreg.npz, or None."""
     import numpy as np
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {"test_acc": z["test_acc"].tolist(), "val_acc": z["val_acc"].tolist(),
-                    "train_loss": z["train_loss"].tolist()}
-    except Exception as exc:
-        raise UserError(f"cannot read {path!r} ({type(exc).__name__}); run `make logreg` again") from None
+    with reading(path, "logreg"), np.load(path, allow_pickle=False) as z:
+        return z["test_acc"].tolist()
 
 
-# --------------------------------------------------------------- formatting
+def collect(out_dir):
+    """Every saved result the report shows; None for a stage that has not run."""
+    def result(name, target):
+        path = os.path.join(out_dir, name)
+        return read_json(path, target) if os.path.exists(path) else None
+    return {
+        "train_mat": read_mat_metadata(os.path.join(out_dir, "mnist_train.mat")),
+        "test_mat": read_mat_metadata(os.path.join(out_dir, "mnist_test.mat")),
+        "logreg": result("logreg_metrics.json", "logreg"),
+        "logreg_history": read_logreg_history(os.path.join(out_dir, "logreg.npz")),
+        "vae": result("vae_metrics.json", "vae"),
+        "sweep_logreg": result("sweep_logreg.json", "sweep-logreg"),
+        "sweep_vae": result("sweep_vae.json", "sweep-vae"),
+    }
+
 
 def num(value, fmt):
     """A number as the report prints it; None (a non-finite result saved as null) as 'n/a'."""
@@ -80,209 +71,136 @@ def num(value, fmt):
 
 def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
 
 
-def figures(names, figures_dir, report_dir):
-    """Markdown image links, relative to the report's folder, for the figures that exist."""
-    out = []
-    for name in names:
-        path = os.path.join(figures_dir, name)
-        if os.path.isfile(path):
-            out.append(f"![{name}]({os.path.relpath(path, report_dir)})")
-    return out
+def network(meta):
+    return meta.get("network", "ResNet-50")
 
 
-def is_random(meta):
-    weights = str(meta.get("weights", "")).lower()
-    return weights.startswith("random") or weights == "none"
-
-
-# ------------------------------------------------------------------ sections
-
-def provenance_section(a):
+def provenance(a):
     train = a["train_mat"] or {}
-    versions = ((a["vae"] or {}).get("versions") or {})
     cpu, flags = cpu_model_and_flags()
     lines = ["## Provenance", ""]
-    if train and is_random(train):
-        lines += ["> **WARNING: the ResNet-50 features come from RANDOM-INIT weights "
-                  f"(`{train['weights']}`), not ImageNet-pretrained ones. The classifier's accuracy "
-                  f"and AUC below say nothing about transfer learning and are not the assignment's "
-                  f"{ASSIGNMENT_ACCURACY}.**", ""]
-    lines += table(("item", "value"), [
+    if train.get("weights_kind") == "random-init":
+        lines += [f"> **WARNING: the {network(train)} features come from RANDOM-INIT weights (`{train['weights']}`), "
+                  "not ImageNet-pretrained ones. The classifier's accuracy and AUC below say nothing about transfer "
+                  f"learning and are not the assignment's {ASSIGNMENT_ACCURACY}.**", ""]
+    isa = ", ".join(f for f in ISA_FLAGS if f in flags) or "none of " + "/".join(ISA_FLAGS)
+    return lines + table(("item", "value"), [
         ("report written", datetime.datetime.now().strftime("%Y-%m-%d %H:%M")),
-        ("CPU", f"{cpu}; ISA: {', '.join(f for f in ISA_FLAGS if f in flags) or 'none of ' + '/'.join(ISA_FLAGS)}; "
-                f"{os.cpu_count()} logical CPUs"),
-        ("torch / torchvision", f"{train.get('torch_version') or versions.get('torch', 'n/a')} / "
-                                f"{train.get('torchvision_version') or versions.get('torchvision', 'n/a')}"),
-        ("ResNet-50 weights", train.get("weights", "features not extracted yet")),
+        ("CPU", f"{cpu}; ISA: {isa}; {os.cpu_count()} logical CPUs"),
+        ("torch / torchvision", f"{train.get('torch_version', 'n/a')} / {train.get('torchvision_version', 'n/a')}"),
+        (f"{network(train)} weights", train.get("weights", "features not extracted yet")),
     ])
-    return lines + [""]
 
 
-def stages_section(a):
+def stages(a):
+    def not_run(name, target):
+        return (name, f"not run (`make {target}`)", "", "")
     rows = []
     for split in ("train", "test"):
         meta = a[f"{split}_mat"]
         if meta:
-            seconds = meta.get("elapsed_seconds")
-            rows.append((f"features, {split}", f"{meta['n']} images, {meta.get('dtype', 'float32')}, "
-                         f"{meta.get('threads', '?')} threads", num(seconds, ".1f"),
-                         f"{meta['n'] / seconds:.0f} img/s" if seconds else "n/a"))
+            seconds = meta["elapsed_seconds"]
+            rows.append((f"features, {split}", f"{meta['n']} images, {meta['dtype']}", num(seconds, ".1f"),
+                         f"{meta['n'] / seconds:.0f} img/s"))
         else:
-            rows.append((f"features, {split}", "not run (`make features`)", "", ""))
-    lr = a["logreg"]
+            rows.append(not_run(f"features, {split}", "features"))
+    lr, v = a["logreg"], a["vae"]
     if lr:
-        mode = "reference procedure" if lr["config"].get("mode") == "reference" else "default training"
-        rows.append(("logistic regression", f"{mode}, {lr['epochs_run']} epochs run",
-                     num(lr["seconds"]["total"], ".1f"),
-                     f"{lr['epochs_run'] / lr['seconds']['train']:.2f} epochs/s (training)"))
+        rows.append(("logistic regression", f"{lr['config']['mode']} training, {lr['epochs_run']} epochs run",
+                     num(lr["seconds"]["total"], ".1f"), f"{lr['epochs_run'] / lr['seconds']['train']:.2f} epochs/s"))
     else:
-        rows.append(("logistic regression", "not run (`make logreg`)", "", ""))
-    v = a["vae"]
+        rows.append(not_run("logistic regression", "logreg"))
     if v:
-        rows.append(("VAE", f"z_dim {v['z_dim']}, {v['epochs']} epochs, {v['n_train']} train images, "
-                     f"{v.get('threads', '?')} threads", num(v["seconds"], ".1f"),
-                     f"{v['n_train'] * v['epochs'] / v['seconds']:.0f} img/s"))
+        rows.append(("VAE", f"z_dim {v['z_dim']}, {v['epochs']} epochs, {v['n_train']} train images",
+                     num(v["seconds"], ".1f"), f"{v['n_train'] * v['epochs'] / v['seconds']:.0f} img/s"))
     else:
-        rows.append(("VAE", "not run (`make vae`)", "", ""))
-    for key, name, target in (("sweep_logreg", "sweep, logistic regression", "sweep-logreg"),
-                              ("sweep_vae", "sweep, VAE z_dim", "sweep-vae")):
+        rows.append(not_run("VAE", "vae"))
+    for key, name in (("sweep_logreg", "sweep, logistic regression"), ("sweep_vae", "sweep, VAE z_dim")):
         s = a[key]
         if s:
-            count = len(s["runs"])
-            rows.append((name, f"{count} configurations", num(s["seconds"], ".1f"),
-                         f"{count / s['seconds'] * 60:.1f} configurations/min"))
+            rows.append((name, f"{len(s['runs'])} configurations", num(s["seconds"], ".1f"), ""))
         else:
-            rows.append((name, f"not run (`make {target}`)", "", ""))
-    return ["## Stages", ""] + table(("stage", "what ran", "wall time (s)", "throughput"), rows) + [""]
+            rows.append(not_run(name, key.replace("_", "-")))
+    return ["## Stages", ""] + table(("stage", "what ran", "wall time (s)", "throughput"), rows)
 
 
-def logreg_section(a, figures_dir, report_dir):
-    lr = a["logreg"]
-    if not lr:
-        return []
+def logreg(a):
+    lr, history = a["logreg"], a["logreg_history"]
     auc = lr["auc"]
-    lines = ["## Logistic regression and ROC", ""]
-    random = lr.get("random_init_weights")
-    lines += [f"Test accuracy **{num(lr['test_accuracy'], '.4f')}** (epoch {lr['best_epoch']} of "
-              f"{lr['epochs_run']}), weights `{lr['weights']}`"
-              + (" — RANDOM-INIT features" if random else "")
-              + f"; the assignment reports {ASSIGNMENT_ACCURACY} with pretrained features.", ""]
     rows = [(f"class {k}", num(v, ".5f")) for k, v in sorted(auc["per_class"].items(), key=lambda kv: int(kv[0]))]
     rows += [("micro average", num(auc["micro"], ".5f")), ("macro average", num(auc["macro"], ".5f"))]
-    lines += table(("ROC", "AUC"), rows) + [""]
-    hist = a["logreg_history"]
-    if hist:
-        lines += table(("classifier epoch",) + tuple(str(i + 1) for i in range(len(hist["test_acc"]))),
-                       [("test accuracy",) + tuple(num(x, ".4f") for x in hist["test_acc"])]) + [""]
-    return lines + figures(LOGREG_FIGURES, figures_dir, report_dir) + [""]
+    random = " — RANDOM-INIT features" if lr.get("random_init_weights") else ""
+    lines = ["## Logistic regression and ROC", "",
+             f"Test accuracy **{num(lr['test_accuracy'], '.4f')}** (epoch {lr['best_epoch']} of {lr['epochs_run']}), "
+             f"weights `{lr['weights']}`{random}; the assignment reports {ASSIGNMENT_ACCURACY} with pretrained "
+             "features.", ""] + table(("ROC", "AUC"), rows)
+    if history:
+        lines += table(("classifier epoch", *map(str, range(1, len(history) + 1))),
+                       [("test accuracy", *(num(x, ".4f") for x in history))])
+    return lines
 
 
-def vae_section(a, figures_dir, report_dir):
+def vae(a):
     v = a["vae"]
-    if not v:
-        return []
-    lines = ["## Variational autoencoder", "",
-             f"z_dim {v['z_dim']}, {v['epochs']} epochs, loss per image (summed BCE + KL), "
-             f"beside the assignment's published training loss.", ""]
-    train, test = v["train_loss_per_epoch"], v["test_loss_per_epoch"]
-    recon, kl = v.get("test_recon_per_epoch"), v.get("test_kl_per_epoch")
-    rows = []
-    for i in range(len(train)):
-        row = [str(i + 1), num(train[i], ".2f"), num(test[i], ".2f") if i < len(test) else ""]
-        if recon and kl:
-            row += [num(recon[i], ".2f"), num(kl[i], ".2f")]
-        row.append(num(ASSIGNMENT_VAE_LOSS.get(i + 1), ".2f") if i + 1 in ASSIGNMENT_VAE_LOSS else "")
-        rows.append(row)
-    header = ["epoch", "train loss", "test loss"] + (["test recon", "test KL"] if recon and kl else [])
-    lines += table(header + ["assignment's train loss"], rows) + [""]
-    return lines + figures(VAE_FIGURES, figures_dir, report_dir) + [""]
+    rows = [(i, num(train, ".2f"), num(test, ".2f"), num(recon, ".2f"), num(kl, ".2f"),
+             num(ASSIGNMENT_VAE_LOSS.get(i), ".2f") if i in ASSIGNMENT_VAE_LOSS else "")
+            for i, (train, test, recon, kl) in enumerate(zip(v["train_loss_per_epoch"], v["test_loss_per_epoch"],
+                                                              v["test_recon_per_epoch"], v["test_kl_per_epoch"]), 1)]
+    return ["## Variational autoencoder", "",
+            f"z_dim {v['z_dim']}, {v['epochs']} epochs; the loss per image is what `loss_function` returns, the "
+            "reconstruction term the summed BCE and the KL term the closed form, each computed on its own.", ""] + \
+        table(("epoch", "train loss", "test loss", "test recon", "test KL", "assignment's train loss"), rows)
 
 
-def sweep_logreg_section(a, figures_dir, report_dir):
+def sweep_logreg(a):
     s = a["sweep_logreg"]
-    if not s:
-        return []
-    best = s["best"]
-    lines = ["## Sweep: batch size x learning rate (logistic regression)", "",
-             f"Mode `{s['mode']}`, {s['epochs']} epochs, seed {s['seed']}, weights `{s['weights']}`"
-             + (" (RANDOM-INIT features)" if s.get("random_init_weights") else "")
-             + (f". Best on validation accuracy: batch {best['batch_size']}, lr {best['lr']:g} "
-                f"(validation {num(best['val_acc'], '.4f')}, test {num(best['test_acc'], '.4f')})." if best
-                else ". No configuration converged: every one diverged, so none is best."), ""]
-    lrs = s["grid"]["lr"]
+    best, lrs = s["best"], s["grid"]["lr"]
     cells = {(r["batch_size"], r["lr"]): r for r in s["runs"]}
-    rows = []
-    for b in s["grid"]["batch_size"]:
-        row = [str(b)]
-        for lr in lrs:
-            r = cells.get((b, lr))
-            row.append("—" if r is None else "diverged" if r["diverged"] else num(r["final_test_acc"], ".4f"))
-        rows.append(row)
-    lines += ["Final test accuracy:", ""]
-    lines += table(["batch \\ lr"] + [f"{lr:g}" for lr in lrs], rows) + [""]
-    return lines + figures(SWEEP_LOGREG_FIGURES, figures_dir, report_dir) + [""]
+    rows = [[b] + ["—" if (b, lr) not in cells else "diverged" if cells[b, lr]["diverged"]
+                   else num(cells[b, lr]["final_test_acc"], ".4f") for lr in lrs] for b in s["grid"]["batch_size"]]
+    chosen = (f"Best on validation accuracy: batch {best['batch_size']}, lr {best['lr']:g} (validation "
+              f"{num(best['val_acc'], '.4f')}, test {num(best['test_acc'], '.4f')})." if best
+              else "Every configuration diverged, so none is best.")
+    random = " (RANDOM-INIT features)" if s.get("random_init_weights") else ""
+    return ["## Sweep: batch size x learning rate (logistic regression)", "",
+            f"Mode `{s['mode']}`, {s['epochs']} epochs, seed {s['seed']}, weights `{s['weights']}`{random}. {chosen}",
+            "", "Final test accuracy:", ""] + table(["batch \\ lr"] + [f"{lr:g}" for lr in lrs], rows)
 
 
-def sweep_vae_section(a, figures_dir, report_dir):
+def sweep_vae(a):
     s = a["sweep_vae"]
-    if not s:
-        return []
-    lines = ["## Sweep: latent size (VAE)", "",
-             f"{s['epochs']} epochs each, seed {s['seed']}, batch {s['batch_size']}, lr {s['lr']:g}; "
-             "final test loss per image and its two terms.", ""]
-    rows = [(str(r["z_dim"]), num(r["test_loss"][-1], ".2f"), num(r["test_recon"][-1], ".2f"),
-             num(r["test_kl"][-1], ".2f"), num(r["train_loss"][-1], ".2f")) for r in s["runs"]]
-    lines += table(("z_dim", "test loss", "test recon", "test KL", "train loss"), rows) + [""]
-    return lines + figures(SWEEP_VAE_FIGURES, figures_dir, report_dir) + [""]
+    rows = [(r["z_dim"], num(r["test_loss"][-1], ".2f"), num(r["test_recon"][-1], ".2f"), num(r["test_kl"][-1], ".2f"),
+             num(r["train_loss"][-1], ".2f")) for r in s["runs"]]
+    return ["## Sweep: latent size (VAE)", "", f"{s['epochs']} epochs each, seed {s['seed']}, batch {s['batch_size']}, "
+            f"lr {s['lr']:g}; final losses per image.", ""] + \
+        table(("z_dim", "test loss", "test recon", "test KL", "train loss"), rows)
 
 
-def collect(out_dir):
-    """Every saved result this report shows (None for a stage that has not run)."""
-    path = lambda name: os.path.join(out_dir, name)  # noqa: E731
-    return {
-        "train_mat": read_mat_metadata(path("mnist_train.mat")),
-        "test_mat": read_mat_metadata(path("mnist_test.mat")),
-        "logreg": read_result(path("logreg_metrics.json"), "logreg"),
-        "logreg_history": read_logreg_history(path("logreg.npz")),
-        "vae": read_result(path("vae_metrics.json"), "vae"),
-        "sweep_logreg": read_result(path("sweep_logreg.json"), "sweep-logreg"),
-        "sweep_vae": read_result(path("sweep_vae.json"), "sweep-vae"),
-    }
-
-
-def render(artifacts, figures_dir, report_path):
+def render(a, figures_dir, report_path):
     report_dir = os.path.dirname(os.path.abspath(report_path))
-    lines = ["# MNIST lab: results", "",
-             "Every number below is read from the saved artifacts (`make report` regenerates this page).", ""]
-    lines += provenance_section(artifacts)
-    lines += stages_section(artifacts)
-    lines += logreg_section(artifacts, figures_dir, report_dir)
-    lines += vae_section(artifacts, figures_dir, report_dir)
-    lines += sweep_logreg_section(artifacts, figures_dir, report_dir)
-    lines += sweep_vae_section(artifacts, figures_dir, report_dir)
+    lines = ["# MNIST lab: results", "", "Every number below is read from the saved outputs (`make report` "
+             "writes this page again).", ""] + provenance(a) + stages(a)
+    for key, section in (("logreg", logreg), ("vae", vae), ("sweep_logreg", sweep_logreg), ("sweep_vae", sweep_vae)):
+        if a[key]:
+            paths = [os.path.join(figures_dir, name) for name in FIGURES[key]]
+            lines += section(a) + [f"![{os.path.basename(p)}]({os.path.relpath(p, report_dir)})" for p in paths
+                                   if os.path.isfile(p)] + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 
-def parse_args(argv=None):
+def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", default="artifacts", help="where the saved results are (OUT)")
     p.add_argument("--figures-dir", default="figures", help="where the PNG figures are (FIGURES)")
     p.add_argument("--report", default="REPORT.md", help="the Markdown file to write (REPORT)")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
+    args = p.parse_args(argv)
     check_can_write_file(args.report)
     if not os.path.isdir(args.out_dir):
         raise UserError(f"no results folder {args.out_dir!r}; run `make all` first")
-    text = render(collect(args.out_dir), args.figures_dir, args.report)
-    with atomic_path(args.report) as tmp, open(tmp, "w") as f:
-        f.write(text)
+    write_text(args.report, render(collect(args.out_dir), args.figures_dir, args.report))
     print(f"wrote {args.report}")
 
 
