@@ -114,8 +114,8 @@ def load_weights(model, spec):
         try:
             load_backbone(model, torch.load(spec, map_location="cpu", weights_only=True))
         except Exception as exc:
-            raise UserError(f"--weights {spec!r} is damaged or not a {model.name} state_dict .pth "
-                            f"({one_line(exc)}); replace it, or use WEIGHTS=none") from None
+            raise UserError(f"--weights {spec!r} cannot be loaded into {model.name} ({one_line(exc)}); "
+                            f"pass a {model.name} state_dict .pth, or use WEIGHTS=none") from None
         with open(spec, "rb") as f:
             return f"file:{os.path.abspath(spec)} sha256:{hashlib.file_digest(f, 'sha256').hexdigest()}", "file"
     if spec not in names:
