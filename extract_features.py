@@ -110,7 +110,7 @@ def load_weights(model, spec):
     names = model.weights_enum.__members__
     if spec.lower() == "none":
         return "random-init (WEIGHTS=none)", "random-init"
-    if os.path.exists(spec) or os.sep in spec or spec.endswith(".pth"):
+    if spec not in names and (os.path.exists(spec) or os.sep in spec or spec.endswith(".pth")):
         try:
             load_backbone(model, torch.load(spec, map_location="cpu", weights_only=True))
         except Exception as exc:
