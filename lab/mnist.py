@@ -1,115 +1,80 @@
-"""MNIST as torchvision reads it (ROOT/MNIST/raw), checked file by file so that
-each way it can fail is named in one line, with advice that is true."""
+"""MNIST as torchvision reads it (ROOT/MNIST/raw), checked file by file: each failure is one line, its advice true."""
 import contextlib
+import gzip
 import math
 import os
+import shutil
 
-from lab.cli import UserError
+from torchvision import datasets
 
+from lab.cli import UserError, first_line
 
-# file name -> IDX magic number (0x0803: uint8 images N x 28 x 28; 0x0801: uint8 labels N)
-MNIST_FILES = {"train-images-idx3-ubyte": 2051, "train-labels-idx1-ubyte": 2049,
-               "t10k-images-idx3-ubyte": 2051, "t10k-labels-idx1-ubyte": 2049}
-
-
-def idx_header(path):
-    """(magic, shape) of an IDX file, or None if it is too short to hold its header."""
-    dims = 3 if MNIST_FILES[os.path.basename(path)] == 2051 else 1
-    with open(path, "rb") as f:
-        header = f.read(4 + 4 * dims)
-    if len(header) < 4 + 4 * dims:
-        return None
-    values = [int.from_bytes(header[i:i + 4], "big") for i in range(0, len(header), 4)]
-    return values[0], tuple(values[1:])
+# The four files torchvision needs, even to read one split: IDX dims (magic 2048 + dims) of uint8 data.
+MNIST_FILES = {"train-images-idx3-ubyte": 3, "train-labels-idx1-ubyte": 1,
+               "t10k-images-idx3-ubyte": 3, "t10k-labels-idx1-ubyte": 1}
 
 
-def check_idx_file(path):
-    """None if ``path`` is a complete MNIST IDX file (its magic, 28 x 28 images), else what is wrong with it."""
-    magic = MNIST_FILES[os.path.basename(path)]
+def idx_count(path, dims):
+    """The number of items in the MNIST IDX file ``path``, or a UserError saying what is wrong with it."""
     size = os.path.getsize(path)
-    header = idx_header(path)
-    if header is None:
-        return f"{size} bytes, too short for an IDX header"
-    found, shape = header
-    if found != magic:
-        return f"magic number {found}, expected {magic}"
-    if len(shape) == 3 and shape[1:] != (28, 28):
-        return f"images of {shape[1]}x{shape[2]} pixels, expected 28x28"
-    expected = 4 + 4 * len(shape) + math.prod(shape)
-    if size != expected:
-        return f"{size} bytes, expected {expected} for shape {shape} (truncated?)"
-    return None
+    with open(path, "rb") as f:
+        magic, *shape = (int.from_bytes(f.read(4), "big") for _ in range(1 + dims))
+    if magic != 2048 + dims:
+        problem = f"magic number {magic}, expected {2048 + dims}"
+    elif size != (expected := 4 * (1 + dims) + math.prod(shape)):
+        problem = f"{size} bytes, expected {expected} for shape {tuple(shape)} (truncated?)"
+    elif dims == 3 and shape[1:] != [28, 28]:
+        problem = f"images of {shape[1]}x{shape[2]} pixels, expected 28x28"
+    else:
+        return shape[0]
+    raise UserError(f"MNIST file {path!r} is damaged ({problem}); replace it, or delete it to download it anew")
 
 
-def _made_dirs(path):
-    """The folders that os.makedirs(path) would create, outermost first."""
-    made = []
-    while path and not os.path.exists(path):
-        made.insert(0, path)
-        path = os.path.dirname(path)
-    return made
-
-
-def _gunzip_if_only_gz(path):
-    """Decompress PATH.gz beside it when only the .gz is there (as downloaded), so
-    that an offline copy of the .gz files works; a folder that can't be written is left as it is."""
-    if os.path.exists(path) or not os.path.isfile(path + ".gz"):
-        return
-    import gzip
-    import shutil
+def gunzip_if_only_gz(path):
+    """Decompress PATH.gz beside it when only the .gz is there, as in an offline copy of the download."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with gzip.open(path + ".gz") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, path)
-    except (OSError, EOFError):
+    if not os.path.lexists(path) and os.path.isfile(path + ".gz"):
+        with contextlib.suppress(OSError, EOFError):
+            with gzip.open(path + ".gz") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp, path)
         with contextlib.suppress(OSError):
-            os.remove(tmp)
+            os.remove(tmp)                      # what a failed decompression left
 
 
 def load_mnist(root, train):
-    """torchvision's MNIST split, read from ROOT/MNIST/raw or downloaded there.
-
-    torchvision needs all four files, even to read one split, so all four are
-    checked. A failure names its cause and the file in one line: a damaged file,
-    images and labels that disagree, files in the wrong folder, or no network for
-    the download of the missing ones. A failed download leaves no new folder.
-    """
-    from torchvision import datasets
-
+    """torchvision's MNIST split, read from ROOT/MNIST/raw or downloaded there (a failed download leaves no folder)."""
     raw = os.path.join(root, "MNIST", "raw")
-    for name in MNIST_FILES:
-        _gunzip_if_only_gz(os.path.join(raw, name))
-    present = [n for n in MNIST_FILES if os.path.isfile(os.path.join(raw, n))]
-    for name in present:
-        problem = check_idx_file(os.path.join(raw, name))
-        if problem:
-            raise UserError(f"MNIST file {os.path.join(raw, name)!r} is damaged ({problem}); "
-                            "replace it with an intact copy (or delete it to download it anew)")
+    counts = {}
+    for name, dims in MNIST_FILES.items():
+        path = os.path.join(raw, name)
+        gunzip_if_only_gz(path)
+        if os.path.isdir(path):
+            raise UserError(f"{path!r} is a directory where the MNIST file {name} should be; move it away")
+        if os.path.isfile(path):
+            counts[name] = idx_count(path, dims)
     for prefix in ("train", "t10k"):
-        images, labels = (os.path.join(raw, f"{prefix}-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
-        if os.path.basename(images) in present and os.path.basename(labels) in present:
-            n_images, n_labels = idx_header(images)[1][0], idx_header(labels)[1][0]
-            if n_images != n_labels:
-                raise UserError(f"MNIST files disagree: {images!r} holds {n_images} images but "
-                                f"{labels!r} holds {n_labels} labels; replace the wrong one")
-    missing = [n for n in MNIST_FILES if n not in present]
-    if missing and not present:
-        for other in (root, os.path.join(root, "raw"), os.path.join(root, "MNIST")):
-            if any(os.path.isfile(os.path.join(other, n)) for n in MNIST_FILES):
-                raise UserError(f"MNIST files are in {other!r}, but torchvision reads them from "
-                                f"{raw!r}: move them there, or point DATA / --data-root at the "
-                                "folder that holds MNIST/raw")
-    made = _made_dirs(os.path.abspath(raw))
+        images, labels = (counts.get(f"{prefix}-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
+        if None not in (images, labels) and images != labels:
+            raise UserError(f"MNIST files disagree in {raw!r}: {prefix}-images-idx3-ubyte holds {images} images "
+                            f"but {prefix}-labels-idx1-ubyte holds {labels} labels; replace the wrong one")
+    missing = [name for name in MNIST_FILES if name not in counts]
+    for other in (root, os.path.join(root, "raw"), os.path.join(root, "MNIST")):
+        if not counts and any(os.path.isfile(os.path.join(other, name)) for name in MNIST_FILES):
+            raise UserError(f"MNIST files are in {other!r}, but torchvision reads them from {raw!r}: move them "
+                            "there, or point DATA / --data-root at the folder that holds MNIST/raw")
+    made, folder = [], os.path.abspath(raw)     # the folders a download creates, innermost first
+    while not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
     try:
         return datasets.MNIST(root=root, train=train, download=bool(missing))
     except Exception as exc:  # urllib/HTTP/OSError/RuntimeError, depending on the mirror
-        for folder in reversed(made):           # a failed run leaves no new folder behind
+        for folder in made:                     # a failed run leaves no new folder behind
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
         if not missing:
-            raise UserError(f"cannot read MNIST from {raw!r} ({type(exc).__name__}: {exc})") from None
-        raise UserError(
-            f"MNIST file(s) {', '.join(missing)} not in {raw!r} and could not be downloaded "
-            f"({type(exc).__name__}: no network?). Offline: copy the uncompressed files "
-            "(or their .gz) into DATA/MNIST/raw/ and pass DATA=... / --data-root") from None
+            raise UserError(f"cannot read MNIST from {raw!r} ({first_line(exc)})") from None
+        raise UserError(f"MNIST file(s) {', '.join(missing)} not in {raw!r} and could not be downloaded "
+                        f"({first_line(exc)}; no network?). Offline: copy the uncompressed files "
+                        "(or their .gz) into DATA/MNIST/raw/ and pass DATA=... / --data-root") from None

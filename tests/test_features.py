@@ -1,4 +1,5 @@
-"""extract_features.py: features against the assignment's per-image loop and torchvision's extractor, the .mat contract, determinism, bad inputs and interrupts."""
+"""extract_features.py: features against the assignment's per-image loop and torchvision's extractor,
+the .mat contract, another network, determinism, bad inputs and interrupts."""
 import os
 import signal
 import subprocess
@@ -62,14 +63,13 @@ def test_batched_preprocessing_is_bit_equal_to_transforms(mnist_root):
 
 
 def test_flop_count_matches_known_resnet50_cost():
-    from torchvision.models import resnet50
+    from torchvision.models import ResNet50_Weights, resnet50
 
-    model = resnet50(weights=None).eval()
-    # torchvision documents 4.09 GFLOPS (multiply-adds) at 224x224.
-    assert abs(ef.count_flops(model, 224) / 2 / 1e9 - 4.09) < 0.02
-    model.fc = torch.nn.Identity()              # the extractor: 0.158 GFLOP at 28x28 (issue #2)
-    assert abs(ef.count_flops(model, 28) / 1e9 - 0.158) < 0.001
-    assert ef.count_flops(ef.build_extractor(model, torch.device("cpu")), 28) == ef.count_flops(model, 28)
+    # torchvision documents the multiply-adds of the whole network at 224x224 (4.09 G).
+    assert abs(ef.count_flops(resnet50().eval(), 224) / 2 / 1e9 - ResNet50_Weights.IMAGENET1K_V1.meta["_ops"]) < 0.02
+    network = ef.feature_network()              # without fc: 0.158 GFLOP at 28x28 (issue #2)
+    assert abs(ef.count_flops(network, 28) / 1e9 - 0.158) < 0.001
+    assert ef.count_flops(ef.build_extractor(network, torch.device("cpu")), 28) == ef.count_flops(network, 28)
 
 
 # ------------------------------------------------------ features: contract
@@ -101,8 +101,49 @@ def test_mat_contract(features_run, mnist_root, resnet_pth):
         assert float(np.squeeze(trmat["elapsed_seconds"])) > 0
         assert int(np.squeeze(trmat["threads"])) == 1          # --threads 1
         assert int(np.squeeze(trmat["batch_size"])) == 20
-    assert "img/s" in proc.stdout and "GFLOP/s" in proc.stdout
+        assert mat_text(trmat, "network") == "resnet50" and int(np.squeeze(trmat["feature_dim"])) == 2048
+        gflops = float(np.squeeze(trmat["gflops_per_image"]))
+        assert gflops == ef.count_flops(ef.feature_network(), 28) / 1e9
+    assert "img/s" in proc.stdout and "GFLOP/s" in proc.stdout and "resnet50" in proc.stdout
     assert not [f for f in leftovers(out) if f.endswith(".tmp")]
+
+
+def test_another_network_is_one_edit_of_feature_network(mnist_root, tmp_path, monkeypatch, capsys):
+    """Issue 21: resnet18 in feature_network, and nothing else, runs end to end: the network's name,
+    output width, FLOPs and weights names are read from the model it returns."""
+    import inspect
+
+    from torchvision import datasets
+    from torchvision.models import resnet18
+    from torchvision.models.feature_extraction import create_feature_extractor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    source = inspect.getsource(ef.feature_network)
+    assert source.count("resnet50") == 1
+    namespace = dict(vars(ef))
+    exec(source.replace("resnet50", "resnet18"), namespace)
+    monkeypatch.setattr(ef, "feature_network", namespace["feature_network"])
+    torch.manual_seed(5)
+    reference = resnet18().eval()
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    wrong = run_extract_in_process(monkeypatch, capsys, "--data-root", mnist_root, "--out-dir", tmp_path,
+                                   "--weights", "IMAGENET1K_V2")      # resnet50 has it, resnet18 has not
+    assert wrong.returncode == 2 and "expected IMAGENET1K_V1, DEFAULT, none" in wrong.stderr, wrong.stderr
+    proc = run_extract_in_process(monkeypatch, capsys, "--data-root", mnist_root, "--out-dir", tmp_path,
+                                  "--weights", tmp_path / "r18.pth", "--split", "test")
+    assert proc.returncode == 0, proc.stderr
+    assert "resnet18" in proc.stdout and "resnet50" not in proc.stdout + proc.stderr
+    mat = sio.loadmat(tmp_path / "mnist_test.mat")
+    assert mat["features"].shape == (32, 512) and int(np.squeeze(mat["feature_dim"])) == 512
+    assert mat_text(mat, "network") == "resnet18"
+    images = datasets.MNIST(mnist_root, train=False).data
+    torchvision_extractor = create_feature_extractor(reference, {"avgpool": "feat"})
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            torchvision_extractor(ef.preprocess(images[:1]))
+        expected = torchvision_extractor(ef.preprocess(images))["feat"].flatten(1).numpy()
+    assert_close_to(mat["features"], expected)
+    assert float(np.squeeze(mat["gflops_per_image"])) == pytest.approx(counter.get_total_flops() / 1e9, rel=1e-12)
 
 
 def test_weights_file_is_recorded_by_hash_and_not_as_pretrained(features_run, resnet_pth):
@@ -152,7 +193,7 @@ def test_extraction_features_do_not_depend_on_the_thread_count(resnet_pth, mnist
 
     images = datasets.MNIST(mnist_root, train=False).data[:12]
     cpu = torch.device("cpu")
-    model = ef.build_extractor(reference_model(resnet_pth), cpu)
+    model = feature_extractor(resnet_pth)
     initial = torch.get_num_threads()
     runs = {}
     try:
@@ -169,8 +210,8 @@ def test_bfloat16_within_two_percent_of_float32(resnet_pth, mnist_root):
 
     images = datasets.MNIST(mnist_root, train=False).data[:16]
     cpu = torch.device("cpu")
-    f32 = ef.compute_features(ef.build_extractor(reference_model(resnet_pth), cpu), images, cpu)
-    model = ef.build_extractor(reference_model(resnet_pth), cpu, torch.bfloat16)
+    f32 = ef.compute_features(feature_extractor(resnet_pth), images, cpu)
+    model = feature_extractor(resnet_pth, torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     bf16 = ef.compute_features(model, images, cpu)
     assert bf16.dtype == torch.float32
@@ -193,10 +234,7 @@ def test_image_size_resizes_on_the_fly(mnist_root):
 
     images = datasets.MNIST(mnist_root, train=False).data[:2]
     assert ef.preprocess(images, 56).shape == (2, 3, 56, 56)
-    torch.manual_seed(0)
-    from torchvision.models import resnet50
-
-    model = ef.build_extractor(resnet50(weights=None), torch.device("cpu"))
+    model = ef.build_extractor(ef.feature_network(), torch.device("cpu"))
     assert ef.compute_features(model, images, torch.device("cpu"), image_size=56).shape == (2, 2048)
 
 
@@ -240,19 +278,19 @@ def bad_input(case, tmp, mnist_root):
     if case == "unknown weights name":
         return [*data, "--weights", "IMAGENET1K_V3"], {}, ["unknown weights name", "IMAGENET1K_V1"]
     if case == "missing weights file":
-        return [*data, "--weights", tmp / "nope.pth"], {}, ["no such file"]
+        return [*data, "--weights", tmp / "nope.pth"], {}, ["nope.pth", "No such file"]
     if case == "corrupt weights file":
         (tmp / "w.pth").write_bytes(b"PK\x03\x04 this is not a checkpoint" * 10)
-        return [*data, "--weights", tmp / "w.pth"], {}, ["cannot read weights file"]
+        return [*data, "--weights", tmp / "w.pth"], {}, ["cannot be loaded into resnet50", "PytorchStreamReader"]
     if case == "weights of another model":
         torch.save(resnet18(weights=None).state_dict(), tmp / "w.pth")
-        return [*data, "--weights", tmp / "w.pth"], {}, ["does not fit ResNet-50"]
+        return [*data, "--weights", tmp / "w.pth"], {}, ["cannot be loaded into resnet50", "Missing key(s)"]
     if case in ("weights with a NaN", "weights that overflow"):
         from torchvision.models import resnet50
         state = resnet50(weights=None).state_dict()
         if case == "weights with a NaN":
             state["conv1.weight"][0, 0, 0, 0] = float("nan")
-            fragments = ["'conv1.weight'", "NaN", "damaged"]
+            fragments = ["cannot be loaded into resnet50", "'conv1.weight'", "NaN"]
         else:
             for name in ("conv1.weight", "layer1.0.conv1.weight", "layer2.0.conv1.weight"):
                 state[name] *= 1e30            # finite weights, but the activations overflow float32
@@ -261,10 +299,10 @@ def bad_input(case, tmp, mnist_root):
         return [*data, "--weights", tmp / "w.pth", "--limit", "2"], {}, fragments
     if case == "weights path is a directory":
         (tmp / "w.pth").mkdir()
-        return [*data, "--weights", tmp / "w.pth"], {}, ["is a directory"]
+        return [*data, "--weights", tmp / "w.pth"], {}, ["w.pth", "Is a directory"]
     if case == "weights not a dict":
         torch.save(torch.zeros(3), tmp / "w.pth")
-        return [*data, "--weights", tmp / "w.pth"], {}, ["not a state_dict"]
+        return [*data, "--weights", tmp / "w.pth"], {}, ["cannot be loaded into resnet50", "'Tensor'"]
     if case == "corrupt hub cache file":
         hub = tmp / "torch" / "hub" / "checkpoints"
         hub.mkdir(parents=True)
@@ -273,11 +311,12 @@ def bad_input(case, tmp, mnist_root):
             ["damaged", str(hub / "resnet50-0676ba61.pth"), "delete it"]
     if case == "no network for the weights":
         return [*data, "--weights", "IMAGENET1K_V1"], {**OFFLINE_ENV, "TORCH_HOME": str(tmp / "torch")}, \
-            ["could not download", "no network?", "resnet50-0676ba61.pth", "WEIGHTS=none"]
+            ["could not load the IMAGENET1K_V1 resnet50 weights", "offline", "resnet50-0676ba61.pth",
+             "WEIGHTS=/path/to/resnet50.pth", "WEIGHTS=none"]
     if case == "hub cache dir under a file":  # neither network nor a damaged file: named as it is
         (tmp / "blocker").write_text("x")
         return [*data, "--weights", "IMAGENET1K_V1"], {"TORCH_HOME": str(tmp / "blocker" / "torch")}, \
-            ["could not get the IMAGENET1K_V1", "NotADirectoryError"]
+            ["could not load the IMAGENET1K_V1", "NotADirectoryError"]
     if case == "MNIST missing, no network":
         return ["--data-root", tmp / "empty", "--weights", "none"], OFFLINE_ENV, \
             ["MNIST/raw", "could not be downloaded", "no network?"]
@@ -308,7 +347,8 @@ def bad_input(case, tmp, mnist_root):
 
 BAD_INPUTS = ["unknown weights name", "missing weights file", "corrupt weights file", "weights of another model",
               "weights with a NaN", "weights that overflow", "weights path is a directory",
-              "weights not a dict", "corrupt hub cache file", "no network for the weights", "hub cache dir under a file",
+              "weights not a dict", "corrupt hub cache file", "no network for the weights",
+              "hub cache dir under a file",
               "MNIST missing, no network", "MNIST damaged file", "MNIST wrong layout", "out dir is a file",
               "out dir under a file", "cuda without a GPU",
               "--limit 0", "--batch-size -3", "--threads 0", "--image-size abc", "--dtype float16", "--seed -1",
@@ -464,6 +504,13 @@ def test_every_script_has_help(module, monkeypatch, capsys):
 def test_help_as_a_real_command():
     proc = run_cli("logreg.py", "--help")
     assert proc.returncode == 0 and "usage:" in proc.stdout and proc.stderr == ""
+
+
+def feature_extractor(pth, dtype=torch.float32):
+    """The script's own path: feature_network, the .pth loaded into it, channels-last on the CPU."""
+    model = ef.feature_network()
+    assert ef.load_weights(model, pth)[1] == "file"
+    return ef.build_extractor(model, torch.device("cpu"), dtype)
 
 
 def reference_model(pth):

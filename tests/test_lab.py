@@ -38,6 +38,21 @@ def test_io_one_missing_test_file_names_it_and_never_says_delete(tmp_path):
     assert raw_files(root) == before
 
 
+def test_io_a_directory_where_a_file_should_be_is_named_as_such(tmp_path, monkeypatch):
+    """Issue 22: not "could not be downloaded ... no network?", which was false."""
+    for k, v in OFFLINE_ENV.items():
+        monkeypatch.setenv(k, v)
+    root = make_mnist(str(tmp_path / "d"), 30, 20)
+    path = os.path.join(root, "MNIST", "raw", "t10k-images-idx3-ubyte")
+    os.remove(path)
+    os.mkdir(path)
+    with pytest.raises(lab.cli.UserError) as err:
+        lab.mnist.load_mnist(root, train=False)
+    message = str(err.value)
+    assert f"{path!r} is a directory" in message and "download" not in message and "\n" not in message
+    assert os.listdir(path) == []
+
+
 def test_io_gz_only_file_is_decompressed_and_read(tmp_path):
     import gzip
     root = make_mnist(str(tmp_path / "d"), 30, 20)
