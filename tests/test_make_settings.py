@@ -34,7 +34,7 @@ def test_make_resumes_after_an_interrupt_without_redoing_completed_stages(tmp_pa
     splits_started = 0
     try:
         for line in proc.stdout:
-            splits_started += line.startswith("ResNet-50 weights:")   # printed by each split's run
+            splits_started += line.startswith("resnet50 weights:")   # printed by each split's run
             if splits_started == 2:   # the test split's model is built; 3000 images to go
                 break
         assert splits_started == 2, "make never reached the test split"
