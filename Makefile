@@ -95,7 +95,7 @@ test: $(SETUP) ## run the test suite (python test_all.py)
 	$(PYTHON) test_all.py
 
 bench: $(FEATURES) $(SETUP) ## speed ratios against reference implementations, measured in one run
-	$(PYTHON) -m tools.bench --data-root $(DATA) --out-dir $(OUT) --profile
+	$(PYTHON) -m tools.bench --data-root $(DATA) --out-dir $(OUT)
 
 setup: $(SETUP) ## create .venv and install the requirements (other targets do it when needed)
 .venv/.installed: requirements.txt requirements-dev.txt
