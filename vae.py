@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -275,7 +276,9 @@ def load_checkpoint(path):
 def users_file(path):
     """lab.files.reading for a file the user names (--checkpoint): its one line, not its advice to delete it."""
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # a damaged file can make torch warn before it fails
+            yield
     except Exception as exc:
         raise UserError(f"cannot use {path!r} as a checkpoint of the assignment's VAE ({first_line(exc)})") from None
 
