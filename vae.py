@@ -356,11 +356,11 @@ def config_from_args(args):
 def plot_only(args):
     path = args.checkpoint or os.path.join(args.out_dir, "vae.pt")
     check_can_create(args.figures_dir)
+    plan_outputs([os.path.join(args.figures_dir, name) for name in FIGURE_NAMES])
     with users_file(path) if args.checkpoint else reading(path, "vae"):
         model, ckpt = load_checkpoint(path)
     config = VAEConfig(**ckpt["config"]) if ckpt else dataclasses.replace(DEFAULTS, z_dim=model.z_dim, seed=args.seed)
     test_x, test_y = preload(load_mnist(args.data_root, train=False), args.limit or config.limit)
-    plan_outputs([os.path.join(args.figures_dir, name) for name in FIGURE_NAMES])
     render_figures(model, test_x, test_y, args.figures_dir, seed=config.seed, history=ckpt,
                    title=f"VAE, z_dim {config.z_dim}" + ("" if ckpt else ", from a bare state_dict"))
 

@@ -119,6 +119,7 @@ def sweep(args):
 def plot_only(args):
     summary_path = os.path.join(args.out_dir, SUMMARY_NAME)
     check_can_create(args.figures_dir)
+    plan_outputs(figure_paths(args.figures_dir))
     summary = read_json(summary_path, "sweep-vae")
     with reading(summary_path, "sweep-vae"):
         runs = {z_dim: run for z_dim in summary["z_dims"] for run in summary["runs"] if run["z_dim"] == z_dim}
@@ -134,7 +135,6 @@ def plot_only(args):
             raise UserError(f"{path!r} is damaged or not the sweep's ({first_line(exc)}); rebuild it: "
                             f"rm -f {summary_path!r} && make sweep-vae") from None
     test_x, test_y = vae.preload(load_mnist(args.data_root, train=False), args.limit or summary["limit"])
-    plan_outputs(figure_paths(args.figures_dir))
     render(models, summary, test_x, test_y, args.figures_dir)
 
 
