@@ -140,8 +140,7 @@ def generate_samples(model, num_samples=64, seed=0):
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-    """One training run, and the one place its defaults live: the CLI's flags default to these
-    fields, train_vae and sweep_vae.py read it, and vae.pt stores it. threads None: torch's count."""
+    """One run, and where its defaults live: the CLI's flags, train_vae, sweep_vae.py and vae.pt use it."""
     z_dim: int = 20
     epochs: int = 15
     batch_size: int = 64
@@ -155,11 +154,8 @@ class VAEConfig:
 
 DEFAULTS = VAEConfig()
 HISTORY_KEYS = ("train_loss", "test_loss", "test_recon", "test_kl")
-# 784 ln 2 is the loss of predicting 0.5 for every pixel, where training starts; 10% above it, beyond the
-# spread between batches that a one-step epoch shows, an epoch has diverged.
-DIVERGED = 1.1 * IMAGE_PIXELS * math.log(2)
-FIGURE_NAMES = ("vae_loss.png", "vae_reconstructions.png", "vae_samples.png", "vae_latent.png",
-                "vae_interpolation.png")
+DIVERGED = 1.1 * IMAGE_PIXELS * math.log(2)  # 784 ln 2: 0.5 for each pixel, where training starts; 10%: batch spread
+FIGURE_NAMES = ("vae_loss.png", "vae_reconstructions.png", "vae_samples.png", "vae_latent.png", "vae_interpolation.png")
 
 
 def bce(recon_x, x):
@@ -248,8 +244,8 @@ def train_model(config, train_x, test_x, *, log=print, progress=True):
 
 def save_checkpoint(path, state, *, config, history, run):
     """vae.pt: the state_dict, the VAEConfig, the per-epoch history and what the run was."""
-    checkpoint = {"model": {k: v.detach().cpu().clone() for k, v in state.items()}, "config": dataclasses.asdict(config),
-                  **{key: list(history[key]) for key in HISTORY_KEYS}, **run, "versions": versions()}
+    checkpoint = {"model": {k: v.detach().cpu().clone() for k, v in state.items()}, **run, "versions": versions(),
+                  "config": dataclasses.asdict(config), **{key: list(history[key]) for key in HISTORY_KEYS}}
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
 

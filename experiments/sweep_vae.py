@@ -33,6 +33,7 @@ FIGURE_NAMES = ("sweep_vae_loss.png", "sweep_vae_reconstructions.png", "vae_mani
 DEFAULT_Z_DIMS = (2, 5, 10, 20, 50)
 MANIFOLD_SIDE = 20
 PR_SET_PDEATHSIG = 1     # linux/prctl.h
+RUN_KEYS = (*vae.HISTORY_KEYS, "epoch_threads")     # of each run, as its checkpoint holds them
 
 
 def checkpoint_path(out_dir, z_dim):
@@ -71,7 +72,7 @@ def train_all(configs, out_dir, processes):
         pool.join()
 
 
-def trained_as_asked(config, out_dir):
+def trained_as(config, out_dir):
     """Whether the checkpoint of config.z_dim reads and was trained with ``config``."""
     try:
         _, ckpt = vae.load_checkpoint(checkpoint_path(out_dir, config.z_dim))
@@ -84,32 +85,33 @@ def sweep(args):
     device = resolve_device(args.device)
     config = vae.VAEConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                            data_root=args.data_root, limit=args.limit, device=args.device, threads=args.threads)
-    configs = [dataclasses.replace(config, z_dim=z_dim) for z_dim in args.z_dims]
     check_can_create(os.path.dirname(checkpoint_path(args.out_dir, 0)))
     check_can_create(args.figures_dir)
     load_mnist(config.data_root, train=True)    # a missing or damaged split fails here, before any process starts
     test_x, test_y = vae.preload(load_mnist(config.data_root, train=False), config.limit)
-    todo = [c for c in configs if not trained_as_asked(c, args.out_dir)]
+    todo = [c for c in (dataclasses.replace(config, z_dim=z) for z in args.z_dims) if not trained_as(c, args.out_dir)]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    processes = min(args.processes or len(todo), len(todo), cores if device.type == "cpu" else 1) or 1
+    processes = max(1, min(args.processes or len(todo), len(todo), cores if device.type == "cpu" else 1))
     summary_path = os.path.join(args.out_dir, SUMMARY_NAME)
-    plan_outputs([*(checkpoint_path(args.out_dir, c.z_dim) for c in todo), summary_path, *figure_paths(args.figures_dir)])
-    print(f"VAE sweep of z_dims {' '.join(map(str, args.z_dims))}, {config}: training z_dims "
-          f"{' '.join(str(c.z_dim) for c in todo) or 'none'} in {processes} process(es) of {config.threads} thread(s)")
+    plan_outputs([*(checkpoint_path(args.out_dir, c.z_dim) for c in todo), summary_path]
+                 + figure_paths(args.figures_dir))
+    print(f"VAE sweep, {config}: z_dims {' '.join(map(str, args.z_dims))}, training "
+          f"{' '.join(str(c.z_dim) for c in todo) or 'none'} in {processes} process(es)")
     start = time.perf_counter()
     if todo:
         train_all(todo, args.out_dir, processes)
-    summary = {"kind": "sweep_vae", "z_dims": list(args.z_dims), **dataclasses.asdict(config), "n_test": len(test_x),
+    summary = {"kind": "sweep_vae", **dataclasses.asdict(config), "z_dims": list(args.z_dims), "n_test": len(test_x),
                "trained": [c.z_dim for c in todo], "seconds": round(time.perf_counter() - start, 3),
                "processes": processes, "device": str(device), "versions": versions(), "runs": [],
                "strategy": f"each z_dim trained by vae.py's own training (vae.train_model) in a spawned process, "
                            f"{processes} at once; the z_dims not in 'trained' were read from their checkpoints"}
+    del summary["z_dim"]
     models = {}
     for z_dim in args.z_dims:
-        models[z_dim], ckpt = vae.load_checkpoint(checkpoint_path(args.out_dir, z_dim))
-        summary["runs"].append({"z_dim": z_dim, "seconds": round(ckpt["seconds"], 3), "epoch_threads": ckpt["epoch_threads"],
-                                "checkpoint": os.path.relpath(checkpoint_path(args.out_dir, z_dim), args.out_dir),
-                                **{key: ckpt[key] for key in vae.HISTORY_KEYS}})
+        path = checkpoint_path(args.out_dir, z_dim)
+        models[z_dim], ckpt = vae.load_checkpoint(path)
+        summary["runs"].append({"z_dim": z_dim, "seconds": round(ckpt["seconds"], 3), **{k: ckpt[k] for k in RUN_KEYS},
+                                "checkpoint": os.path.relpath(path, args.out_dir)})
         summary["n_train"] = ckpt["n_train"]
     write_json(summary_path, summary)
     print(f"wrote {summary_path}")
@@ -122,8 +124,8 @@ def plot_only(args):
     plan_outputs(figure_paths(args.figures_dir))
     summary = read_json(summary_path, "sweep-vae")
     with reading(summary_path, "sweep-vae"):
-        runs = {z_dim: run for z_dim in summary["z_dims"] for run in summary["runs"] if run["z_dim"] == z_dim}
-        test_losses = {z_dim: runs[z_dim]["test_loss"] for z_dim in summary["z_dims"]}
+        test_losses = {run["z_dim"]: run["test_loss"] for run in summary["runs"]}
+        test_losses = {z_dim: test_losses[z_dim] for z_dim in summary["z_dims"]}
     models = {}
     for z_dim, test_loss in test_losses.items():
         path = checkpoint_path(args.out_dir, z_dim)
@@ -168,7 +170,7 @@ def render(models, summary, test_x, test_y, figures_dir):
                               title=f"test-set mu of the z_dim-2 VAE ({len(test_x)} images, no projection)")
         else:
             for path, title in ((manifold, "2-D latent manifold"), (latent, "2-D latent space")):
-                vf.placeholder(path, title, f"z_dim 2 is not in this sweep (z_dims {summary['z_dims']}; add 2 to ZDIMS)")
+                vf.placeholder(path, title, f"z_dim 2 is not in this sweep ({summary['z_dims']}; add 2 to ZDIMS)")
 
 
 def parse_args(argv=None):

@@ -6,7 +6,7 @@ from lab.plots import pyplot, save_figure
 
 
 def save(fig, path, note=None):
-    """Save a figure, or (``fig`` None) the file written: its 'wrote' line says why it is a placeholder, if it is."""
+    """Save a figure (unless None), and say so: 'wrote PATH', with why it is a placeholder if it is."""
     if fig is not None:
         save_figure(fig, path)
     print(f"wrote {path}" + (f" (placeholder: {note})" if note else ""))
@@ -31,7 +31,7 @@ def placeholder(path, title, reason):
 
 
 def plot_loss(history, title, path):
-    """Train and test loss per epoch; beside them the test BCE and KL, each on its own (loss_function may weigh them)."""
+    """Train and test loss per epoch; beside them the test BCE and KL, each on its own (loss_function weighs them)."""
     from matplotlib.ticker import MaxNLocator
 
     fig, (ax, terms) = pyplot().subplots(1, 2, figsize=(9, 3.5))

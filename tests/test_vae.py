@@ -1,4 +1,5 @@
-"""vae.py: the model, the loss (closed-form KL against Monte Carlo), training through the model's own forward and loss_function, checkpoints, figures, failures."""
+"""vae.py: the model, the loss (closed-form KL against Monte Carlo), training through forward() and
+loss_function, checkpoints, figures, failures."""
 import json
 import math
 import os
@@ -417,7 +418,8 @@ def test_vae_beta_4_reports_the_bce_as_the_reconstruction_term(vae_data_root, tm
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "vae_metrics.json").read_text())
     model, ckpt = vae.load_checkpoint(str(tmp_path / "vae.pt"))
-    bce, kl = recomputed_terms(model, vae.preload(vae.load_mnist(vae_data_root, train=False))[0], ckpt["config"]["seed"])
+    test_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=False))
+    bce, kl = recomputed_terms(model, test_x, ckpt["config"]["seed"])
     assert metrics["test_recon"] == ckpt["test_recon"][-1] == pytest.approx(bce, rel=1e-6)
     assert metrics["test_kl"] == pytest.approx(kl, rel=1e-6) and kl > 0.01
     assert metrics["test_loss"] == pytest.approx(bce + 4 * kl, rel=1e-6)
@@ -675,7 +677,8 @@ def test_faults_a_vae_checkpoint_with_nan_stops_before_any_figure(kind, vae_trai
 
 
 @pytest.mark.parametrize("script, flag", [("vae.py", "--figures-dir"), ("vae.py", "--out-dir"),
-                                          ("experiments.sweep_vae", "--out-dir"), ("experiments.sweep_vae", "--figures-dir")])
+                                          ("experiments.sweep_vae", "--out-dir"),
+                                          ("experiments.sweep_vae", "--figures-dir")])
 def test_faults_an_output_dir_that_is_a_dangling_symlink_fails_before_training(script, flag, vae_data_root, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
