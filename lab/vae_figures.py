@@ -1,78 +1,67 @@
-"""Drawing the VAE figures of vae.py and sweep_vae.py: image grids, loss curves,
-latent scatter plots, and a placeholder that says why a figure has no content.
-
-Only drawing lives here (tensors in, PNG files out, written atomically); what to
-draw is computed by the scripts from their trained models.
-"""
+"""Drawing the VAE figures of vae.py and sweep_vae.py: tensors in, PNG files out (atomically), a line each."""
 import torch
 
 from lab.files import atomic_path
 from lab.plots import pyplot, save_figure
 
-DIGIT_COLOURS = dict(cmap="tab10", vmin=-0.5, vmax=9.5)
+
+def save(fig, path, note=None):
+    """Save a figure (unless None), and say so: 'wrote PATH', with why it is a placeholder if it is."""
+    if fig is not None:
+        save_figure(fig, path)
+    print(f"wrote {path}" + (f" (placeholder: {note})" if note else ""))
 
 
 def save_grid(images, path, nrow):
-    """Write images (N x 784 in [0, 1]) as one torchvision grid, atomically."""
+    """Write images (N x 784 in [0, 1]) as one torchvision grid."""
     from torchvision.utils import save_image
 
     with atomic_path(path) as tmp:
         save_image(images.view(-1, 1, 28, 28), tmp, nrow=nrow, padding=2, pad_value=1.0, format="png")
+    save(None, path)
 
 
 def placeholder(path, title, reason):
-    """A figure that says why there is nothing to show, so that the file (a Make
-    target) exists and no older picture is left in its place."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 2))
+    """A figure that says why there is nothing to show: the file (a Make target) exists, no older one stays."""
+    fig, ax = pyplot().subplots(figsize=(6, 2))
     ax.axis("off")
     ax.set_title(title)
     ax.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, transform=ax.transAxes)
-    save_figure(fig, path, dpi=120)
-
-
-def integer_epochs(*axes):
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
+    save(fig, path, note=reason)
 
 
 def plot_loss(history, title, path):
-    """Train and test loss per epoch, and beside it the test loss's two terms."""
-    plt = pyplot()
-    fig, (ax, terms) = plt.subplots(1, 2, figsize=(9, 3.5))
+    """Train and test loss per epoch; beside them the test BCE and KL, each on its own (loss_function weighs them)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax, terms) = pyplot().subplots(1, 2, figsize=(9, 3.5))
     epochs = range(1, len(history["train_loss"]) + 1)
     ax.plot(epochs, history["train_loss"], "o-", label="train")
-    if history["test_loss"]:
-        ax.plot(epochs, history["test_loss"], "s-", label="test")
-        terms.plot(epochs, history["test_recon"], "s-", color="C2", label="reconstruction")
-        kl_axis = terms.twinx()   # the KL term is ~25 nats beside ~80: its own scale
-        kl_axis.plot(epochs, history["test_kl"], "^-", color="C3", label="KL")
-        kl_axis.set_ylabel("KL term (nats)", color="C3")
-        terms.legend(handles=terms.lines + kl_axis.lines, loc="center right")
-    integer_epochs(ax, terms)
-    terms.set_ylabel("reconstruction term (nats)", color="C2")
-    terms.set_title("test loss = reconstruction + KL")
-    ax.set_ylabel("loss per image (BCE + KL, nats)")
-    ax.set_title(title)
+    ax.plot(epochs, history["test_loss"], "s-", label="test")
+    terms.plot(epochs, history["test_recon"], "s-", color="C2", label="reconstruction (BCE)")
+    kl_axis = terms.twinx()   # the KL term is ~25 nats beside ~80: its own scale
+    kl_axis.plot(epochs, history["test_kl"], "^-", color="C3", label="KL")
+    kl_axis.set_ylabel("KL term (nats)", color="C3")
+    terms.legend(handles=terms.lines + kl_axis.lines, loc="center right")
+    terms.set_ylabel("BCE term (nats)", color="C2")
+    terms.set_title("the test loss's two terms")
+    for axes in (ax, terms):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_xlabel("epoch")
+    ax.set(ylabel="loss_function per image (nats)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    save_figure(fig, path, dpi=120)
+    save(fig, path)
 
 
 def scatter_digits(xy, labels, path, *, xlabel, ylabel, title):
     """Points coloured by digit, with a colour bar."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = pyplot().subplots(figsize=(6, 5))
     xy, labels = torch.as_tensor(xy).numpy(), torch.as_tensor(labels).numpy()   # matplotlib wants numpy
-    points = ax.scatter(xy[:, 0], xy[:, 1], c=labels, s=2, alpha=0.6, **DIGIT_COLOURS)
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=labels, s=2, alpha=0.6, cmap="tab10", vmin=-0.5, vmax=9.5)
     fig.colorbar(points, ax=ax, ticks=range(10), label="digit")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    save_figure(fig, path, dpi=120)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    save(fig, path)
 
 
 def plot_latent(mu, labels, path):
@@ -80,12 +69,10 @@ def plot_latent(mu, labels, path):
     centered = mu - mu.mean(0)
     if mu.shape[1] >= 2:
         _, _, v = torch.linalg.svd(centered, full_matrices=False)
-        # A component's sign is arbitrary (it may flip with the LAPACK path taken):
-        # make its largest loading positive, so that re-rendering draws the same picture.
+        # A component's sign is arbitrary (it may flip with the LAPACK path taken): make its largest
+        # loading positive, so that re-rendering draws the same picture.
         v = v * torch.sign(v.gather(1, v.abs().argmax(1, keepdim=True)))
-        xy = centered @ v[:2].T
-        if xy.shape[1] < 2:   # a single test image has one component
-            xy = torch.cat([xy, torch.zeros(len(xy), 2 - xy.shape[1])], 1)
+        xy = torch.nn.functional.pad(centered @ v[:2].T, (0, max(0, 2 - len(v))))   # one image: one component
         axes = dict(xlabel="PC 1", ylabel="PC 2")
     else:  # one latent dimension: plot it against the digit
         xy = torch.stack([centered[:, 0], labels.float()], 1)
@@ -93,64 +80,55 @@ def plot_latent(mu, labels, path):
     scatter_digits(xy, labels, path, title=f"test-set mu, PCA of {mu.shape[1]}-D latent", **axes)
 
 
-def plot_image_rows(rows, labels, path, title):
-    """Rows of 28x28 images (each row N x 784), one label per row on the left."""
+def show_grid(images, nrow, padding, size):
+    """A figure showing images (N x 784) as one grid of ``nrow`` columns, and its axes."""
     from torchvision.utils import make_grid
 
-    plt = pyplot()
-    images = torch.cat(rows).view(-1, 1, 28, 28)
-    grid = make_grid(images, nrow=len(rows[0]), padding=2, pad_value=1.0)[0].numpy()
-    fig, ax = plt.subplots(figsize=(1 + 0.55 * len(rows[0]), 0.6 + 0.55 * len(rows)))
-    ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+    fig, ax = pyplot().subplots(figsize=size)
+    ax.imshow(make_grid(images.view(-1, 1, 28, 28), nrow=nrow, padding=padding, pad_value=1.0)[0].numpy(),
+              cmap="gray", vmin=0, vmax=1)
+    return fig, ax
+
+
+def plot_image_rows(rows, labels, path, title):
+    """Rows of 28x28 images (each row N x 784), one label per row on the left."""
+    fig, ax = show_grid(torch.cat(rows), len(rows[0]), 2, (1 + 0.55 * len(rows[0]), 0.6 + 0.55 * len(rows)))
     ax.set_yticks([2 + 30 * i + 14 for i in range(len(rows))], labels)
     ax.set_xticks([])
     ax.tick_params(length=0)
-    for side in ax.spines.values():
-        side.set_visible(False)
+    ax.set_frame_on(False)
     ax.set_title(title)
-    save_figure(fig, path, dpi=120)
+    save(fig, path)
 
 
 def plot_manifold(images, quantiles, path):
-    """A len(q) x len(q) lattice of decoded images: column j is z1 = q[j], row i is
-    z2 = q[-1 - i] (up is larger z2), as in Kingma & Welling (2014), figure 4."""
-    from torchvision.utils import make_grid
-
-    plt = pyplot()
+    """A len(q) x len(q) lattice of decoded images: column j is z1 = q[j], row i is z2 = q[-1 - i]
+    (up is larger z2), as in Kingma & Welling (2014), figure 4."""
     n = len(quantiles)
-    grid = make_grid(images.view(-1, 1, 28, 28), nrow=n, padding=0)[0].numpy()
-    fig, ax = plt.subplots(figsize=(7.5, 7.5))
-    ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+    fig, ax = show_grid(images, n, 0, (7.5, 7.5))
     ticks = list(range(0, n, max(1, n // 5))) + [n - 1]
     ax.set_xticks([28 * j + 14 for j in ticks], [f"{quantiles[j]:.2f}" for j in ticks])
     ax.set_yticks([28 * i + 14 for i in ticks], [f"{quantiles[n - 1 - i]:.2f}" for i in ticks])
-    ax.set_xlabel("z1 (standard-normal quantiles)")
-    ax.set_ylabel("z2")
-    ax.set_title(f"decoder of the z_dim-2 VAE on a {n}x{n} lattice of N(0, 1) quantiles")
-    save_figure(fig, path, dpi=120)
+    ax.set(xlabel="z1 (standard-normal quantiles)", ylabel="z2",
+           title=f"decoder of the z_dim-2 VAE on a {n}x{n} lattice of N(0, 1) quantiles")
+    save(fig, path)
 
 
 def plot_sweep_losses(runs, path, *, subtitle):
     """Final test loss and its two terms against z_dim; beside it, test loss per epoch."""
-    plt = pyplot()
-    fig, (ax, curves) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax, curves) = pyplot().subplots(1, 2, figsize=(10, 4))
     z_dims = [run["z_dim"] for run in runs]
-    for key, style, label in (("test_loss", "o-", "test loss"), ("test_recon", "s-", "reconstruction term"),
+    for key, style, label in (("test_loss", "o-", "test loss"), ("test_recon", "s-", "reconstruction term (BCE)"),
                               ("test_kl", "^-", "KL term")):
         ax.plot(z_dims, [run[key][-1] for run in runs], style, label=label)
     ax.set_xscale("log")
     ax.set_xticks(z_dims, [str(z) for z in z_dims])
     ax.minorticks_off()
-    ax.set_xlabel("z_dim")
-    ax.set_ylabel("nats per test image (final epoch)")
-    ax.set_title("test loss = reconstruction + KL")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.set(xlabel="z_dim", ylabel="nats per test image (final epoch)", title="test loss and its two terms")
     for run in runs:
         curves.plot(range(1, len(run["test_loss"]) + 1), run["test_loss"], label=f"z_dim {run['z_dim']}")
-    integer_epochs(curves)
-    curves.set_ylabel("test loss per image (nats)")
-    curves.set_title(subtitle)
-    curves.grid(alpha=0.3)
-    curves.legend()
-    save_figure(fig, path, dpi=120)
+    curves.set(xlabel="epoch", ylabel="test loss per image (nats)", title=subtitle)
+    for axes in (ax, curves):
+        axes.grid(alpha=0.3)
+        axes.legend()
+    save(fig, path)

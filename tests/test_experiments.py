@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -261,15 +262,15 @@ def test_sweep_vae_summary_and_figures(vae_sweep):
                 "threads", "strategy", "runs", "versions"):
         assert key in summary, key
     assert summary["kind"] == "sweep_vae" and summary["z_dims"] == [20, 5, 2] and summary["threads"] == 1
-    assert summary["processes"] == 2 and "vae.train_model" in summary["strategy"]
+    assert summary["processes"] == 2 and "vae.train_model" in summary["strategy"] and summary["trained"] == [20, 5, 2]
     assert (summary["epochs"], summary["batch_size"], summary["lr"], summary["seed"]) == (2, 64, 1e-3, 0)
     assert (summary["n_train"], summary["n_test"]) == (VAE_N_TRAIN, VAE_N_TEST)
     for run in summary["runs"]:
-        assert sorted(run) == sorted([*sweep_vae.RUN_KEYS, "checkpoint", "epoch_threads"])
+        assert sorted(run) == sorted(["z_dim", "seconds", *vae.HISTORY_KEYS, "checkpoint", "epoch_threads"])
         assert all(len(run[key]) == 2 for key in vae.HISTORY_KEYS)
-        assert run["test_loss"] == [r + k for r, k in zip(run["test_recon"], run["test_kl"])]
-        model, ckpt = vae.load_checkpoint(str(vae_sweep / run["checkpoint"]), z_dim=run["z_dim"])
-        assert ckpt["train_loss"] == run["train_loss"]
+        assert run["test_loss"] == pytest.approx([r + k for r, k in zip(run["test_recon"], run["test_kl"])], rel=1e-6)
+        model, ckpt = vae.load_checkpoint(str(vae_sweep / run["checkpoint"]))
+        assert ckpt["train_loss"] == run["train_loss"] and model.z_dim == run["z_dim"]
     assert sorted(leftovers(vae_sweep / "figs")) == sorted(sweep_vae.FIGURE_NAMES)
 
 
@@ -330,16 +331,16 @@ SWEEP_BAD_INPUTS = [
     ("z_dims_empty", ["--z-dims"], ["--z-dims", "expected at least one argument"]),
     ("epochs_zero", ["--epochs", "0"], ["--epochs"]),
     ("processes_zero", ["--processes", "0"], ["--processes"]),
-    ("lr_diverges", ["--lr", "1e30", "--epochs", "1", "--z-dims", "2", "3"], ["non-finite at epoch 1", "lower --lr"]),
+    ("lr_diverges", ["--lr", "1e30", "--epochs", "1", "--z-dims", "2", "3"], ["diverged at epoch 1", "lower --lr"]),
     ("no_mnist", ["--data-root", "NO_MNIST"], ["MNIST/raw"]),
     ("plot_only_no_summary", ["--plot-only", "--out-dir", "EMPTY"], ["not found", "make sweep-vae` first"]),
-    ("plot_only_not_json", ["--plot-only", "--out-dir", "not_json"], ["as JSON", "make sweep-vae` again"]),
-    ("plot_only_other_kind", ["--plot-only", "--out-dir", "other_kind"], ["not a sweep_vae.py summary", "sweep_logreg"]),
-    ("plot_only_no_runs", ["--plot-only", "--out-dir", "no_runs"], ["'runs' is not a list"]),
+    ("plot_only_not_json", ["--plot-only", "--out-dir", "not_json"], ["JSONDecodeError", "make sweep-vae"]),
+    ("plot_only_other_kind", ["--plot-only", "--out-dir", "other_kind"], ["KeyError", "make sweep-vae"]),
+    ("plot_only_no_runs", ["--plot-only", "--out-dir", "no_runs"], ["KeyError: 'z_dims'", "make sweep-vae"]),
     ("plot_only_lost_checkpoint", ["--plot-only", "--out-dir", "lost_checkpoint"],
-     ["no checkpoint at", "vae_z2.pt", "make sweep-vae"]),
+     ["vae_z2.pt", "No such file", "rm -f", "sweep_vae.json' && make sweep-vae"]),
     ("plot_only_mixed_runs", ["--plot-only", "--out-dir", "mixed_runs"],
-     ["vae_z2.pt holds a z_dim-20 model", "lists it for z_dim 2"]),
+     ["vae_z2.pt", "another run", "sweep_vae.json' && make sweep-vae"]),
 ]
 
 
@@ -399,7 +400,9 @@ def test_faults_a_sweep_whose_only_configuration_diverged_has_no_best(tmp_path, 
 
 
 @pytest.mark.parametrize("damage", ["truncated", "nan", "directory"])
-def test_faults_a_bad_sweep_checkpoint_names_it_and_make_sweep_vae(damage, vae_sweep, vae_data_root, tmp_path):
+def test_faults_a_bad_sweep_checkpoint_names_it_and_a_repair(damage, vae_sweep, vae_data_root, tmp_path):
+    """The advice repairs: without the summary, make reruns the sweep, which trains again only the z_dim
+    whose checkpoint does not read, and loads the others."""
     out = tmp_path / "out"
     shutil.copytree(vae_sweep, out, ignore=shutil.ignore_patterns("figs"))
     path = out / "sweep_vae" / "vae_z5.pt"
@@ -417,8 +420,80 @@ def test_faults_a_bad_sweep_checkpoint_names_it_and_make_sweep_vae(damage, vae_s
     before = snapshot(tmp_path)
     proc = vae_in_process("--plot-only", "--out-dir", out, "--figures-dir", figs, "--data-root", vae_data_root,
                           script=sweep_vae)
-    fragment = {"truncated": "not a torch file", "nan": "encoder.fc1.bias holds NaN or infinite",
-                "directory": "is a directory"}[damage]
+    fragment = {"truncated": "zip archive", "nan": "encoder.fc1.bias holds NaN or infinite",
+                "directory": "Is a directory"}[damage]
     line = assert_rejected(proc, before, [tmp_path], str(path), fragment)
-    assert "make sweep-vae" in line or damage == "directory", line
-    assert "make vae`" not in line
+    assert line.endswith(f"rm -f '{out / 'sweep_vae.json'}' && make sweep-vae"), line
+    if damage == "directory":
+        return     # a folder of the user's where a checkpoint goes: the sweep does not remove it
+    (out / "sweep_vae.json").unlink()                                          # the advice; make then runs:
+    proc = vae_sweep_run(vae_data_root, out, figs, 20, 5, 2, extra=["--processes", "2", "--threads", "1"])
+    assert proc.stdout.count("wrote ") == 2 + len(sweep_vae.FIGURE_NAMES) and f"wrote {path}" in proc.stdout
+    repaired = json.loads((out / "sweep_vae.json").read_text())
+    original = json.loads((vae_sweep / "sweep_vae.json").read_text())["runs"]
+    assert repaired["trained"] == [5] and len(repaired["runs"]) == len(original) == 3
+    for again, first in zip(repaired["runs"], original):      # the same numbers: the same runs
+        assert all(again[key] == first[key] for key in ("z_dim", *vae.HISTORY_KEYS))
+
+
+def test_sweep_vae_trains_only_the_z_dims_it_lacks(vae_data_root, tmp_path):
+    """An interrupted sweep keeps its finished z_dims; a z_dim added trains alone; a checkpoint trained
+    with other settings trains again; the summary lists exactly the z_dims asked."""
+    out, figs = tmp_path / "out", tmp_path / "figs"
+    extra = ["--limit", "64", "--processes", "1", "--threads", "1"]
+
+    def sweep(*z_dims, epochs="2"):
+        proc = vae_in_process("--z-dims", *z_dims, "--data-root", vae_data_root, "--out-dir", out, "--figures-dir",
+                              figs, "--epochs", epochs, "--device", "cpu", *extra, script=sweep_vae)
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads((out / "sweep_vae.json").read_text())
+        assert summary["z_dims"] == [run["z_dim"] for run in summary["runs"]] == list(z_dims)
+        return summary["trained"], {run["z_dim"]: run["test_loss"] for run in summary["runs"]}
+
+    first = sweep(3, 4)
+    assert first[0] == [3, 4]
+    (out / "sweep_vae" / "vae_z4.pt").unlink()                 # as if interrupted while z_dim 4 trained
+    stamp = os.stat(out / "sweep_vae" / "vae_z3.pt").st_mtime_ns
+    assert sweep(3, 4) == ([4], first[1])                     # the same numbers: one run, however it was split
+    assert os.stat(out / "sweep_vae" / "vae_z3.pt").st_mtime_ns == stamp
+    assert sweep(3, 4, 2)[0] == [2] and sweep(4) == ([], {4: first[1][4]})
+    assert sweep(3, epochs="1")[0] == [3]                     # other settings: trained again
+
+
+def test_sweep_vae_caps_processes_at_the_cores(vae_data_root, tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    proc = vae_sweep_run(vae_data_root, tmp_path, tmp_path / "figs", *range(3, 4 + cores),
+                         extra=["--epochs", "1", "--limit", "32", "--processes", "1000", "--threads", "1"])
+    assert f"in {cores} process(es)" in proc.stdout
+    assert json.loads((tmp_path / "sweep_vae.json").read_text())["processes"] == cores
+
+
+WORKER_OUTLIVES_CODE = """
+import multiprocessing, os, sys, time
+from experiments import sweep_vae
+pool = multiprocessing.get_context("spawn").Pool(1, initializer=sweep_vae.start_worker)
+print(pool.apply(os.getpid), flush=True)
+pool.apply_async(time.sleep, (120,))
+time.sleep(120)
+"""
+
+
+def test_sweep_vae_workers_die_with_their_parent(tmp_path):
+    """kill -9 of a sweep leaves no worker training on: each asks Linux to kill it when its parent dies."""
+    parent = subprocess.Popen([sys.executable, "-c", WORKER_OUTLIVES_CODE], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait()
+    for _ in range(200):
+        try:
+            with open(f"/proc/{worker}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in "ZX":   # dead, not yet reaped
+                    break
+        except FileNotFoundError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(worker, 9)
+        pytest.fail("the worker outlived its killed parent")

@@ -1,4 +1,5 @@
-"""vae.py: the model, the loss (closed-form KL against Monte Carlo), training through the model's own forward and loss_function, checkpoints, figures, failures."""
+"""vae.py: the model, the loss (closed-form KL against Monte Carlo), training through forward() and
+loss_function, checkpoints, figures, failures."""
 import json
 import math
 import os
@@ -114,32 +115,7 @@ def test_vae_loss_function_matches_hand_computation():
     bce = -np.sum(xn * np.log(p) + (1 - xn) * np.log(1 - p))
     kld = -0.5 * np.sum(1 + lvn - mun ** 2 - np.exp(lvn))
     assert vae.loss_function(torch.sigmoid(logits), x, mu, logvar).item() == pytest.approx(bce + kld, rel=1e-10)
-    assert vae.vae_loss(torch.sigmoid(logits), x, mu, logvar).item() == pytest.approx(bce + kld, rel=1e-10)
-    # The continuous Bernoulli subtracts its log-normalizer, written out: log(2 artanh(1 - 2p) / (1 - 2p)).
-    log_c = np.sum(np.log(2 * np.arctanh(1 - 2 * p) / (1 - 2 * p)))
-    cb = vae.vae_loss(torch.sigmoid(logits), x, mu, logvar, "continuous-bernoulli").item()
-    assert cb == pytest.approx(bce + kld - log_c, rel=1e-9)
-
-
-@pytest.mark.parametrize("lam", [0.003, 0.2, 0.4999, 0.5, 0.5002, 0.7, 0.995])
-def test_vae_continuous_bernoulli_density_integrates_to_one(lam):
-    from scipy.integrate import quad
-
-    logit = torch.tensor(math.log(lam / (1 - lam)), dtype=torch.float64)
-    log_c = vae.cb_log_normalizer(logit).item()
-    total, _ = quad(lambda x: math.exp(log_c + x * math.log(lam) + (1 - x) * math.log(1 - lam)), 0, 1)
-    assert total == pytest.approx(1.0, abs=1e-7)
-
-
-def test_vae_continuous_bernoulli_is_smooth_at_one_half():
-    logits = torch.tensor([-0.011, -0.0099, -1e-6, 0.0, 1e-6, 0.0099, 0.011], requires_grad=True)
-    values = vae.cb_log_normalizer(logits)
-    values.sum().backward()
-    assert torch.isfinite(values).all() and torch.isfinite(logits.grad).all()
-    assert values[3].item() == pytest.approx(math.log(2), abs=1e-7)
-    # Both sides of the Taylor window agree: log C is continuous there.
-    assert values[1].item() == pytest.approx(values[0].item(), abs=2e-5)
-    assert values[5].item() == pytest.approx(values[6].item(), abs=2e-5)
+    assert vae.bce(torch.sigmoid(logits), x).item() == pytest.approx(bce, rel=1e-10)
 
 
 def test_vae_reparameterize_statistics_and_gradients():
@@ -238,18 +214,18 @@ def test_vae_an_edited_model_trains_through_train_vae(variant, vae_data_root, va
     assert model.encoder.fc1.out_features == (400 if variant == "extra_layer" else 512)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     train_x = vae_tiny_train_x(vae_data_root, limit=None)
-    start = sum(vae.evaluate(model, train_x))
+    start = vae.evaluate(model, train_x)[0]
     history = vae.train_vae(model, train_x, train_x[:64], epochs=2, batch_size=16, log=None, progress=False)
     assert all(not torch.equal(before[name], p) for name, p in model.named_parameters())
-    assert sum(vae.evaluate(model, train_x)) < 0.8 * start and all(map(math.isfinite, history["test_loss"]))
+    assert vae.evaluate(model, train_x)[0] < 0.8 * start and all(map(math.isfinite, history["test_loss"]))
 
 
-def test_vae_defaults_come_from_vae_config(monkeypatch):
-    """The command line's defaults are VAEConfig's: a changed field changes the run the CLI builds."""
+def test_vae_defaults_come_from_vae_config():
+    """Every field of VAEConfig is a flag whose default is the field's, and the flags given replace them."""
     assert vae.config_from_args(vae.parse_args([])) == vae.VAEConfig()
-    monkeypatch.setattr(vae, "DEFAULTS", vae.VAEConfig(batch_size=32, epochs=3))
-    config = vae.config_from_args(vae.parse_args(["--epochs", "2"]))
-    assert (config.batch_size, config.epochs) == (32, 2)
+    config = vae.config_from_args(vae.parse_args(["--epochs", "2", "--z-dim", "3", "--lr", "0.5"]))
+    assert config == vae.VAEConfig(epochs=2, z_dim=3, lr=0.5)
+    assert "1e-3" not in vae.__doc__ and "batch 64" not in vae.__doc__    # no default repeated in prose
 
 
 
@@ -286,10 +262,10 @@ def test_vae_one_short_epoch_lowers_the_loss(vae_data_root, vae_one_thread):
     train_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=True))
     torch.manual_seed(0)
     model = vae.VAE(8)
-    before = sum(vae.evaluate(model, train_x))
+    before = vae.evaluate(model, train_x)[0]
     history = vae.train_vae(model, train_x, epochs=1, batch_size=32, log=None, progress=False)
     assert history["test_loss"] == [] and len(history["train_loss"]) == 1
-    assert sum(vae.evaluate(model, train_x)) < 0.8 * before
+    assert vae.evaluate(model, train_x)[0] < 0.8 * before
 
 
 def test_vae_same_seed_same_losses_and_seed_matters(vae_data_root, vae_one_thread):
@@ -335,14 +311,14 @@ def test_vae_checkpoint_round_trip_equals_the_trained_model(vae_data_root, tmp_p
     trained, history, train_x, test_x = vae_train_tiny(vae_data_root, 5, seed=2)
     path = str(tmp_path / "vae.pt")
     config = vae.VAEConfig(z_dim=5, epochs=2, seed=2)
-    vae.save_checkpoint(path, trained, config=config, history=history, run={"n_train": len(train_x)})
+    vae.save_checkpoint(path, trained.state_dict(), config=config, history=history, run={"n_train": len(train_x)})
     loaded, ckpt = vae.load_checkpoint(path)
     with torch.no_grad():
         for a, b in zip(trained.encoder(test_x), loaded.encoder(test_x)):
             assert torch.equal(a, b)
         z = torch.randn(16, 5)
         assert torch.equal(trained.decoder(z), loaded.decoder(z))
-    assert vae.VAEConfig.from_dict(ckpt["config"]) == config
+    assert vae.VAEConfig(**ckpt["config"]) == config
     assert all(ckpt[key] == history[key] for key in vae.HISTORY_KEYS) and ckpt["n_train"] == len(train_x)
 
 
@@ -360,10 +336,10 @@ def test_vae_metrics_agree_with_an_independent_evaluation(vae_trained, vae_data_
     metrics = json.loads((vae_trained / "vae_metrics.json").read_text())
     model, ckpt = vae.load_checkpoint(str(vae_trained / "vae.pt"))
     test_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=False))
-    recon, kl = vae.evaluate(model, test_x, seed=metrics["seed"])
+    loss, recon, kl = vae.evaluate(model, test_x, seed=metrics["seed"])
     assert metrics["test_recon"] == pytest.approx(recon, rel=1e-6)
     assert metrics["test_kl"] == pytest.approx(kl, rel=1e-6)
-    assert metrics["test_loss"] == pytest.approx(recon + kl, rel=1e-6)
+    assert metrics["test_loss"] == pytest.approx(loss, rel=1e-6) == pytest.approx(recon + kl, rel=1e-6)
     assert metrics["test_recon_per_epoch"][-1] == metrics["test_recon"] and len(metrics["test_kl_per_epoch"]) == 2
     assert metrics["threads"] == 1 and metrics["n_test"] == VAE_N_TEST and "torch" in metrics["versions"]
     for key in ("train_loss_per_epoch", "test_loss_per_epoch", "seconds", "epochs", "z_dim", "n_train",
@@ -371,9 +347,9 @@ def test_vae_metrics_agree_with_an_independent_evaluation(vae_trained, vae_data_
         assert key in metrics, key
 
 
-def test_vae_plot_only_reproduces_the_figures_pixel_for_pixel(vae_trained, tmp_path):
+def test_vae_plot_only_reproduces_the_figures_pixel_for_pixel(vae_trained, vae_data_root, tmp_path):
     again = tmp_path / "again"
-    vae.main(["--plot-only", "--out-dir", str(vae_trained), "--figures-dir", str(again)])
+    vae.main(["--plot-only", "--out-dir", str(vae_trained), "--figures-dir", str(again), "--data-root", vae_data_root])
     first, second = vae_outputs(vae_trained / "figs"), vae_outputs(again)
     assert sorted(first) == sorted(second) == sorted(vae.FIGURE_NAMES)
     for name in first:
@@ -416,8 +392,72 @@ def test_vae_one_class_test_set_gets_a_placeholder_interpolation(vae_data_root, 
 def test_vae_non_finite_loss_stops_in_process(vae_data_root, vae_one_thread):
     train_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=True))
     torch.manual_seed(0)
-    with pytest.raises(vae.UserError, match="non-finite at epoch 1"):
+    with pytest.raises(vae.UserError, match="diverged at epoch 1.*lower --lr"):
         vae.train_vae(vae.VAE(4), train_x, epochs=3, lr=1e30, log=None, progress=False)
+
+
+def recomputed_terms(model, test_x, seed):
+    """The test BCE and KL per image of ``model``, written out here with the eps that evaluate draws."""
+    torch.manual_seed(seed)
+    bce = kl = 0.0
+    with torch.no_grad():
+        for x in test_x.split(1000):
+            recon, mu, logvar = model(x)
+            bce += torch.nn.functional.binary_cross_entropy(recon, x, reduction="sum").item()
+            kl += (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum()).item()
+    return bce / len(test_x), kl / len(test_x)
+
+
+def test_vae_beta_4_reports_the_bce_as_the_reconstruction_term(vae_data_root, tmp_path, monkeypatch):
+    """A weight of 4 on the KL in loss_function (a student's edit): test_recon is the BCE recomputed
+    from the checkpoint, test_kl the KL, and test_loss what loss_function returns, BCE + 4 KL."""
+    monkeypatch.setattr(vae, "loss_function", lambda recon_x, x, mu, logvar:
+                        vae.bce(recon_x, x) + 4 * vae.kl_divergence(mu, logvar))
+    proc = vae_in_process("--data-root", vae_data_root, "--out-dir", tmp_path, "--figures-dir", tmp_path / "figs",
+                          "--epochs", "2", "--z-dim", "3", "--device", "cpu", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "vae_metrics.json").read_text())
+    model, ckpt = vae.load_checkpoint(str(tmp_path / "vae.pt"))
+    test_x, _ = vae.preload(vae.load_mnist(vae_data_root, train=False))
+    bce, kl = recomputed_terms(model, test_x, ckpt["config"]["seed"])
+    assert metrics["test_recon"] == ckpt["test_recon"][-1] == pytest.approx(bce, rel=1e-6)
+    assert metrics["test_kl"] == pytest.approx(kl, rel=1e-6) and kl > 0.01
+    assert metrics["test_loss"] == pytest.approx(bce + 4 * kl, rel=1e-6)
+
+
+class NarrowEncoder(vae.Encoder):
+    def __init__(self, z_dim):
+        super().__init__(z_dim)
+        self.fc1 = torch.nn.Linear(784, 256)      # and not fc2_mu nor fc2_logvar
+
+
+class NarrowDecoder(vae.Decoder):
+    def __init__(self, z_dim):
+        super().__init__(z_dim)
+        self.fc3 = torch.nn.Linear(z_dim, 300)    # and not fc4
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("Encoder", NarrowEncoder, "encoder.fc2_mu takes 400 inputs but encoder.fc1 gives 256"),
+    ("Decoder", NarrowDecoder, "decoder.fc4 takes 400 inputs but decoder.fc3 gives 300"),
+])
+def test_vae_an_edit_that_breaks_a_shape_names_the_two_layers(name, edit, message, vae_data_root, tmp_path,
+                                                             monkeypatch):
+    monkeypatch.setattr(vae, name, edit)
+    before = snapshot(tmp_path)
+    proc = vae_in_process("--data-root", vae_data_root, "--out-dir", tmp_path / "out", "--figures-dir",
+                          tmp_path / "figs", "--epochs", "1", "--limit", "64", "--device", "cpu", "--threads", "1")
+    assert assert_rejected(proc, before, [tmp_path], message).endswith(message)
+
+
+def test_vae_a_finite_loss_above_a_coin_flip_has_diverged(vae_data_root, vae_one_thread, monkeypatch):
+    """An epoch whose mean loss is above 784 ln 2 (plus the spread between batches) diverged, finite or not."""
+    train_x = vae_tiny_train_x(vae_data_root)
+    loss_function = vae.loss_function
+    monkeypatch.setattr(vae, "loss_function", lambda *args: 3 * loss_function(*args))   # ~1650 nats: finite
+    torch.manual_seed(0)
+    with pytest.raises(vae.UserError, match=r"diverged at epoch 1: mean loss \d+ per image, above 598; lower --lr$"):
+        vae.train_vae(vae.VAE(4), train_x, epochs=2, log=None, progress=False)
 
 
 # ------------------------------------------------------------- CLI errors
@@ -443,16 +483,17 @@ def vae_bad_files(vae_trained, tmp_path_factory):
         "other_model": save("other_model.pt", torch.nn.Linear(784, 10).state_dict()),
         "wrong_shapes": save("wrong_shapes.pt", {**state, "encoder.fc1.weight": torch.zeros(300, 784)}),
         "missing_key": save("missing_key.pt", {k: v for k, v in state.items() if k != "decoder.fc4.bias"}),
-        "wrong_format": save("wrong_format.pt", {**good, "format": "someone else's checkpoint"}),
+        "old_config": save("old_config.pt", {**good, "config": {**good["config"], "likelihood": "bernoulli"}}),
         "lacks_key": save("lacks_key.pt", {k: v for k, v in good.items() if k != "test_kl"}),
         "bad_config": save("bad_config.pt", {**good, "config": {**good["config"], "z_dim": "four"}}),
         "config_vs_weights": save("config_vs_weights.pt", {**good, "config": {**good["config"], "z_dim": 9}}),
-        "directory": root / "a_directory",
+        "directory": root / "a_directory", "empty_out": root / "empty_out",
         "absent": root / "absent.pt",
     }
     files["garbage"].write_bytes(b"\x80\x04 this is not a checkpoint")
     files["truncated"].write_bytes((vae_trained / "vae.pt").read_bytes()[:3000])
     files["directory"].mkdir()
+    files["empty_out"].mkdir()
     empty_mnist = root / "no_mnist"
     empty_mnist.mkdir()
     damaged = make_mnist(str(root / "damaged_mnist"), 10, 10)
@@ -469,38 +510,35 @@ def vae_bad_files(vae_trained, tmp_path_factory):
 VAE_BAD_INPUTS = [
     ("epochs_zero", ["--epochs", "0"], ["--epochs", "positive integer"]),
     ("lr_negative", ["--lr", "-1"], ["--lr", "positive number"]),
-    ("lr_diverges", ["--lr", "1e30", "--epochs", "2"], ["non-finite at epoch 1", "lower --lr"]),
+    ("lr_diverges", ["--lr", "1e30", "--epochs", "2"], ["diverged at epoch 1", "lower --lr"]),
     ("batch_size_zero", ["--batch-size", "0"], ["--batch-size"]),
     ("z_dim_text", ["--z-dim", "four"], ["--z-dim"]),
     ("threads_zero", ["--threads", "0"], ["--threads"]),
     ("limit_zero", ["--limit", "0"], ["--limit"]),
     ("seed_too_large", ["--seed", str(2 ** 70)], ["--seed"]),
-    ("likelihood_unknown", ["--likelihood", "gaussian"], ["--likelihood", "invalid choice"]),
+    ("likelihood_removed", ["--likelihood", "bernoulli"], ["unrecognized arguments", "--likelihood"]),
     ("flag_unknown", ["--frobnicate"], ["unrecognized arguments"]),
     ("checkpoint_without_plot_only", ["--checkpoint", "CKPT"], ["--checkpoint", "--plot-only"]),
     ("no_mnist_offline", ["--data-root", "no_mnist"], ["MNIST/raw", "could not be downloaded"]),
     ("damaged_mnist", ["--data-root", "damaged_mnist"], ["damaged", "train-images-idx3-ubyte"]),
     ("out_dir_under_a_file", ["--out-dir", "a_file/out"], ["cannot create output directory", "not a directory"]),
     ("figures_dir_under_a_file", ["--figures-dir", "a_file/figs"], ["cannot create output directory"]),
-    ("plot_only_absent", ["--plot-only", "--checkpoint", "absent"], ["no checkpoint at", "make vae"]),
-    ("plot_only_garbage", ["--plot-only", "--checkpoint", "garbage"], ["not a torch file, or damaged"]),
-    ("plot_only_truncated", ["--plot-only", "--checkpoint", "truncated"], ["not a torch file, or damaged"]),
-    ("plot_only_directory", ["--plot-only", "--checkpoint", "directory"], ["is a directory"]),
-    ("plot_only_list", ["--plot-only", "--checkpoint", "list"], ["holds a list"]),
-    ("plot_only_whole_module", ["--plot-only", "--checkpoint", "whole_module"], ["pickled", "state_dict()"]),
-    ("plot_only_other_model", ["--plot-only", "--checkpoint", "other_model"],
-     ["not a state_dict of the assignment's VAE", "weight, bias"]),
+    ("plot_only_no_vae_pt", ["--plot-only", "--out-dir", "empty_out"], ["vae.pt", "not found", "make vae"]),
+    ("plot_only_absent", ["--plot-only", "--checkpoint", "absent"], ["cannot use", "No such file"]),
+    ("plot_only_garbage", ["--plot-only", "--checkpoint", "garbage"], ["garbage.pt", "UnpicklingError"]),
+    ("plot_only_truncated", ["--plot-only", "--checkpoint", "truncated"], ["truncated.pt", "zip archive"]),
+    ("plot_only_directory", ["--plot-only", "--checkpoint", "directory"], ["Is a directory"]),
+    ("plot_only_list", ["--plot-only", "--checkpoint", "list"], ["list.pt", "TypeError"]),
+    ("plot_only_whole_module", ["--plot-only", "--checkpoint", "whole_module"], ["Weights only load failed"]),
+    ("plot_only_other_model", ["--plot-only", "--checkpoint", "other_model"], ["KeyError: 'encoder.fc2_mu.weight'"]),
     ("plot_only_wrong_shapes", ["--plot-only", "--checkpoint", "wrong_shapes"],
-     ["encoder.fc1.weight (300, 784), expected (400, 784)"]),
-    ("plot_only_missing_key", ["--plot-only", "--checkpoint", "missing_key"], ["missing decoder.fc4.bias"]),
-    ("plot_only_wrong_format", ["--plot-only", "--checkpoint", "wrong_format"],
-     ["format \"someone else's checkpoint\"", "vae.py checkpoint v2"]),
-    ("plot_only_lacks_key", ["--plot-only", "--checkpoint", "lacks_key"], ["lacks test_kl"]),
-    ("plot_only_bad_config", ["--plot-only", "--checkpoint", "bad_config"], ["config z_dim='four'"]),
+     ["size mismatch for encoder.fc1.weight", "[300, 784]", "[400, 784]"]),
+    ("plot_only_missing_key", ["--plot-only", "--checkpoint", "missing_key"], ["Missing key(s)", "decoder.fc4.bias"]),
+    ("plot_only_old_config", ["--plot-only", "--checkpoint", "old_config"], ["unexpected keyword", "likelihood"]),
+    ("plot_only_lacks_key", ["--plot-only", "--checkpoint", "lacks_key"], ["KeyError: 'test_kl'"]),
+    ("plot_only_bad_config", ["--plot-only", "--checkpoint", "bad_config"], ["bad_config.pt", "TypeError"]),
     ("plot_only_config_vs_weights", ["--plot-only", "--checkpoint", "config_vs_weights"],
-     ["says z_dim 9", "weights have z_dim 4"]),
-    ("plot_only_other_z_dim", ["--plot-only", "--checkpoint", "CKPT", "--z-dim", "20"],
-     ["has z_dim 4", "--z-dim 20"]),
+     ["size mismatch for encoder.fc2_mu.weight", "[4, 400]", "[9, 400]"]),
     ("plot_only_no_mnist", ["--plot-only", "--checkpoint", "CKPT", "--data-root", "no_mnist"], ["MNIST/raw"]),
 ]
 
@@ -620,43 +658,27 @@ def test_vae_interrupt_leaves_each_output_complete_or_absent(moment, sig, vae_da
 
 @pytest.mark.parametrize("kind", ["checkpoint", "bare_state_dict", "history"])
 def test_faults_a_vae_checkpoint_with_nan_stops_before_any_figure(kind, vae_trained, vae_data_root, tmp_path):
+    """In OUT/vae.pt, the advice removes it for make to rebuild; a file the user names is never to be removed."""
     ckpt = torch.load(vae_trained / "vae.pt", weights_only=True)
     if kind == "history":
         ckpt["test_loss"][-1] = math.nan
     else:
         ckpt["model"]["decoder.fc3.weight"][0, 0] = math.nan
-    path = tmp_path / "nan.pt"
+    path = tmp_path / ("notebook.pt" if kind == "bare_state_dict" else "vae.pt")
     torch.save(ckpt if kind != "bare_state_dict" else ckpt["model"], path)
     figs = tmp_path / "figs"
     shutil.copytree(vae_trained / "figs", figs)
     before = snapshot(tmp_path)
-    proc = vae_in_process("--plot-only", "--checkpoint", path, "--figures-dir", figs, "--data-root", vae_data_root)
-    fragment = "'test_loss' holds NaN" if kind == "history" else "decoder.fc3.weight holds NaN"
-    assert_rejected(proc, before, [tmp_path], str(path), fragment, "make vae")
-
-
-@pytest.mark.parametrize("script, args, flag", [
-    ("vae.py", ["--z-dim", "10000000"], "lower --z-dim"),
-    ("experiments.sweep_vae", ["--z-dims", "2", "10000000"], "lower --z-dims"),
-])
-def test_faults_a_model_too_large_for_memory_fails_before_any_work(script, args, flag, tmp_path):
-    before = snapshot(tmp_path)
-    proc = run_cli(script, *args, "--data-root", tmp_path / "no_data", "--out-dir", tmp_path / "out",
-                   "--figures-dir", tmp_path / "figs", "--device", "cpu", env=OFFLINE_ENV, timeout=120)
-    assert proc.returncode == 2
-    assert_rejected(proc, before, [tmp_path], "GB of memory", "Adam's two moments", flag)
-
-
-def test_faults_the_memory_check_blames_the_batch_when_the_batch_is_what_is_large(monkeypatch):
-    monkeypatch.setattr(vae, "free_memory", lambda device: 100e6)
-    vae.check_memory([20], 64, None, torch.device("cpu"))          # 12 MB: fits
-    with pytest.raises(vae.UserError, match="lower --batch-size$"):
-        vae.check_memory([20], 10 ** 9, None, torch.device("cpu"))   # capped at 60000 images: 1.6 GB
-    assert vae.parameter_count(7) == sum(p.numel() for p in vae.VAE(7).parameters())
+    where = ["--checkpoint", path] if kind == "bare_state_dict" else ["--out-dir", tmp_path]
+    proc = vae_in_process("--plot-only", *where, "--figures-dir", figs, "--data-root", vae_data_root)
+    fragment = "test_loss holds NaN" if kind == "history" else "decoder.fc3.weight holds NaN"
+    line = assert_rejected(proc, before, [tmp_path], str(path), fragment)
+    assert ("rm -f" in line and "make vae" in line) == (kind != "bare_state_dict"), line
 
 
 @pytest.mark.parametrize("script, flag", [("vae.py", "--figures-dir"), ("vae.py", "--out-dir"),
-                                          ("experiments.sweep_vae", "--out-dir"), ("experiments.sweep_vae", "--figures-dir")])
+                                          ("experiments.sweep_vae", "--out-dir"),
+                                          ("experiments.sweep_vae", "--figures-dir")])
 def test_faults_an_output_dir_that_is_a_dangling_symlink_fails_before_training(script, flag, vae_data_root, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
