@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import models
 from tqdm import tqdm
 
-from lab.cli import ArgumentParser, UserError, add_common_args, positive_int, run_main
+from lab.cli import ArgumentParser, UserError, add_common_args, one_line, positive_int, run_main
 from lab.files import atomic_path, check_can_create, first_non_finite, plan_outputs
 from lab.machine import cpu_model_and_flags, resolve_device, versions
 from lab.mnist import load_mnist
@@ -87,11 +87,6 @@ def count_flops(model, image_size=28):
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         model(x)
     return counter.get_total_flops()
-
-
-def one_line(exc, width=300):
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    return text if len(text) <= width else text[:width] + "..."
 
 
 def load_backbone(model, state):

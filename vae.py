@@ -14,7 +14,6 @@ import dataclasses
 import math
 import os
 import time
-import warnings
 from typing import Optional
 
 import torch
@@ -23,7 +22,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from lab import vae_figures as vf
-from lab.cli import ArgumentParser, UserError, add_common_args, first_line, positive_int, positive_float, run_main
+from lab.cli import ArgumentParser, UserError, add_common_args, positive_int, positive_float, run_main
 from lab.files import atomic_path, check_can_create, first_non_finite, plan_outputs, reading, write_json
 from lab.machine import resolve_device, versions
 from lab.mnist import load_mnist
@@ -269,17 +268,6 @@ def load_checkpoint(path):
 
 
 @contextlib.contextmanager
-def users_file(path):
-    """lab.files.reading for a file the user names (--checkpoint): its one line, not its advice to delete it."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # a damaged file can make torch warn before it fails
-            yield
-    except Exception as exc:
-        raise UserError(f"cannot use {path!r} as a checkpoint of the assignment's VAE ({first_line(exc)})") from None
-
-
-@contextlib.contextmanager
 def one_thread():
     """One CPU thread for a block: the same rounding, hence the same pixels, whatever --threads trained."""
     threads = torch.get_num_threads()
@@ -353,7 +341,7 @@ def plot_only(args):
     path = args.checkpoint or os.path.join(args.out_dir, "vae.pt")
     check_can_create(args.figures_dir)
     plan_outputs([os.path.join(args.figures_dir, name) for name in FIGURE_NAMES])
-    with users_file(path) if args.checkpoint else reading(path, "vae"):
+    with reading(path, None if args.checkpoint else "vae"):
         model, ckpt = load_checkpoint(path)
     config = VAEConfig(**ckpt["config"]) if ckpt else dataclasses.replace(DEFAULTS, z_dim=model.z_dim, seed=args.seed)
     test_x, test_y = preload(load_mnist(args.data_root, train=False), args.limit or config.limit)

@@ -23,7 +23,7 @@ import torch
 
 import vae
 from lab import vae_figures as vf
-from lab.cli import ArgumentParser, UserError, first_line, positive_int, run_main
+from lab.cli import ArgumentParser, positive_int, run_main
 from lab.files import check_can_create, plan_outputs, read_json, reading, write_json
 from lab.machine import resolve_device, versions
 from lab.mnist import load_mnist
@@ -129,13 +129,11 @@ def plot_only(args):
     models = {}
     for z_dim, test_loss in test_losses.items():
         path = checkpoint_path(args.out_dir, z_dim)
-        try:
+        # The sweep trains again what does not read; make runs it once the summary is gone.
+        with reading(path, "sweep-vae", remove=summary_path):
             models[z_dim], ckpt = vae.load_checkpoint(path)
             if ckpt["test_loss"] != test_loss:
                 raise ValueError(f"it holds another run than the one {SUMMARY_NAME} lists")
-        except Exception as exc:   # the sweep trains again what does not read: make runs it once the summary is gone
-            raise UserError(f"{path!r} is damaged or not the sweep's ({first_line(exc)}); rebuild it: "
-                            f"rm -f {summary_path!r} && make sweep-vae") from None
     test_x, test_y = vae.preload(load_mnist(args.data_root, train=False), args.limit or summary["limit"])
     render(models, summary, test_x, test_y, args.figures_dir)
 

@@ -38,10 +38,10 @@ def _interrupted_while_starting(kind, value, traceback):
 sys.excepthook = _interrupted_while_starting   # every script imports lab.cli before torch
 
 
-def first_line(exc):
-    """``Type: first line of the message``, for one-line errors."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+def one_line(exc, width=300):
+    """``Type: message`` on one line (load_state_dict's lists its keys over several), cut at ``width``."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split()).removesuffix(":")
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def _is_out_of_memory(exc):

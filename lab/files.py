@@ -8,7 +8,7 @@ import os
 import tempfile
 import warnings
 
-from lab.cli import UserError, first_line
+from lab.cli import UserError, one_line
 
 # What this run means to write and what atomic_path finished, in order, so that an interrupt can
 # say exactly which outputs are complete.
@@ -122,16 +122,19 @@ def read_json(path, make_target):
 
 
 @contextlib.contextmanager
-def reading(path, make_target):
-    """Read and check an output of the pipeline inside this block: the one mechanism for damaged
-    files. A missing file, a directory, or any error that the loader or a check raises (np.load,
-    loadmat, torch.load(weights_only=True), load_state_dict(strict=True), a dataclass's
-    constructor, a KeyError...) becomes one UserError whose advice repairs it: removing the damaged
-    file is what makes `make TARGET` rebuild it, since make judges by dates, not content."""
+def reading(path, make_target=None, remove=None):
+    """Read and check a file inside this block: the one mechanism for damaged files. A missing file,
+    a directory, or any error that the loader or a check raises (np.load, loadmat,
+    torch.load(weights_only=True), load_state_dict(strict=True), a dataclass's constructor, a
+    KeyError...) becomes one UserError. For an output of the pipeline its advice repairs it:
+    removing the damaged file (or ``remove``, the one make rebuilds it from) is what makes
+    `make TARGET` rebuild it, since make judges by dates, not content. A file of the user's
+    (``make_target`` None) is never advised away."""
     if not os.path.lexists(path):
-        raise UserError(f"{path!r} not found; run `make {make_target}` first")
+        raise UserError(f"{path!r} not found" + (f"; run `make {make_target}` first" if make_target else ""))
     if os.path.isdir(path):
-        raise UserError(f"{path!r} is a directory, not a results file; move it away and run `make {make_target}`")
+        raise UserError(f"{path!r} is a directory, not a file" +
+                        (f"; move it away and run `make {make_target}`" if make_target else ""))
     try:
         with warnings.catch_warnings():   # a damaged file can make a loader warn before it fails
             warnings.simplefilter("ignore")
@@ -139,8 +142,10 @@ def reading(path, make_target):
     except UserError:
         raise
     except Exception as exc:
-        raise UserError(f"{path!r} is damaged or not what the pipeline wrote ({first_line(exc)}); "
-                        f"remove it and rebuild it: rm -f {path!r} && make {make_target}") from None
+        if make_target is None:
+            raise UserError(f"cannot use {path!r}: {one_line(exc)}") from None
+        raise UserError(f"{path!r} is damaged or not what the pipeline wrote ({one_line(exc)}); "
+                        f"remove it and rebuild it: rm -f {remove or path!r} && make {make_target}") from None
 
 
 def first_non_finite(state_dict):

@@ -7,7 +7,7 @@ import shutil
 
 from torchvision import datasets
 
-from lab.cli import UserError, first_line
+from lab.cli import UserError, one_line
 
 # The four files torchvision needs, even to read one split: IDX dims (magic 2048 + dims) of uint8 data.
 MNIST_FILES = {"train-images-idx3-ubyte": 3, "train-labels-idx1-ubyte": 1,
@@ -74,7 +74,7 @@ def load_mnist(root, train):
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
         if not missing:
-            raise UserError(f"cannot read MNIST from {raw!r} ({first_line(exc)})") from None
+            raise UserError(f"cannot read MNIST from {raw!r} ({one_line(exc)})") from None
         raise UserError(f"MNIST file(s) {', '.join(missing)} not in {raw!r} and could not be downloaded "
-                        f"({first_line(exc)}; no network?). Offline: copy the uncompressed files "
+                        f"({one_line(exc)}; no network?). Offline: copy the uncompressed files "
                         "(or their .gz) into DATA/MNIST/raw/ and pass DATA=... / --data-root") from None

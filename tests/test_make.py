@@ -12,7 +12,6 @@ import time
 import numpy as np
 import pytest
 import scipy.io as sio
-import torch
 
 from helpers import (HERE, OFFLINE_ENV, checkout_copy, leftovers, make_in, make_mnist, run_make,
                      sigint_as_in_a_terminal, snapshot, tiny_pipeline_args)
