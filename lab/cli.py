@@ -99,7 +99,8 @@ def run_main(main):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None (the help says what it means) and off switches."""
+    """Shows defaults, except None (the help says what it means) and off switches: each default
+    is written once, where it lives, and --help reads it from there."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is False:
@@ -137,35 +138,19 @@ def add_common_args(parser, *names, **overrides):
     return parser
 
 
-def _number(text, convert, ok, what):
-    try:
-        value = convert(text)
-    except ValueError:
-        raise_arg(f"expected {what}, got {text!r}")
-    if not ok(value):
-        raise_arg(f"expected {what}, got {text!r}")
-    return value
+def _argument(convert, ok, what):
+    """An argparse type: ``convert`` the text, then accept it if ``ok``; otherwise say what was expected."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1."""
-    return _number(text, int, lambda v: v >= 1, "a positive integer")
-
-
-def positive_float(text):
-    """argparse type: a finite float > 0."""
-    return _number(text, float, lambda v: 0 < v < float("inf"), "a positive number")
-
-
-def nonnegative_float(text):
-    """argparse type: a finite float >= 0."""
-    return _number(text, float, lambda v: 0 <= v < float("inf"), "a non-negative number")
-
-
-def seed_value(text):
-    """argparse type: an integer that torch.manual_seed accepts (0 <= seed < 2**63)."""
-    return _number(text, int, lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2**63)")
-
-
-def raise_arg(message):
-    raise argparse.ArgumentTypeError(message)
+positive_int = _argument(int, lambda v: v >= 1, "a positive integer")
+positive_float = _argument(float, lambda v: 0 < v < float("inf"), "a positive number")
+seed_value = _argument(int, lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2**63)")   # what torch.manual_seed takes

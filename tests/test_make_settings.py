@@ -3,6 +3,7 @@ tracked files are never touched, an interrupted fresh run resumes, and the READM
 example (HIDDEN 400 -> 512, then `make vae`) trains the edit."""
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,3 +111,17 @@ def test_readme_example_hidden_512_then_make_vae_trains_the_edit(tmp_path):
     losses = ckpt["train_loss"]
     assert len(losses) == 15 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
 
+
+
+def test_readme_changing_the_models_points_at_what_exists():
+    """Every name the README's "Changing the models" table sends a reader to is defined in the file it names."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    section = readme.split("## Changing the models", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and " in `" in line]
+    assert len(rows) >= 6
+    for line in rows:
+        where = line.split(" | ")[1]
+        names, _, path = where.partition(" in `")
+        source = open(os.path.join(HERE, path.partition("`")[0])).read()
+        for name in names.strip().strip("`").split("`, `"):
+            assert re.search(rf"^(class |def )?{name}\b", source, re.M), f"{name} is not defined in {path}"
