@@ -1,7 +1,7 @@
 """`make sweep-logreg`: the assignment's "modify BATCH_SIZE / LR to see change in performance"
 as one grid of logreg.py trainings, recorded epoch by epoch and drawn on one figure.
 
-    python -m experiments.sweep_logreg                                # batch {16,64,256,1024} x lr {1e-4..1e-1}, 20 epochs
+    python -m experiments.sweep_logreg                                # the grid of GRID_DEFAULTS
     python -m experiments.sweep_logreg --batch-sizes 64 256 --lrs 1e-3 1e-2 --epochs 5
     python -m experiments.sweep_logreg --mode default                # logreg.py's default training instead
     python -m experiments.sweep_logreg --plot-only                   # re-render the figure from the JSON
@@ -14,12 +14,13 @@ or beyond logreg.DIVERGED_LOSS) is a result: that configuration is marked diverg
 and the others go on.
 
 Each configuration is one call of logreg.train, the very training a lone logreg.py run makes
-(in the reference mode, the default, the assignment's loop), and the configurations train in
-parallel processes (--jobs). So a configuration's history equals a lone `logreg.py --reference
---batch-size B --lr LR --epochs E --val-fraction F` run of it.
+(in the reference mode, the default, one call of the assignment's mlr), in parallel processes
+(--jobs). So a configuration's history equals a lone `logreg.py --reference --batch-size B --lr LR
+--epochs E --val-fraction F` run of it.
 
 Outputs: OUT/sweep_logreg.json, then FIGURES/sweep_logreg.png.
 """
+import json
 import math
 import multiprocessing
 import os
@@ -37,7 +38,7 @@ import logreg  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lab.cli import ArgumentParser, UserError, add_common_args, positive_float, positive_int, run_main  # noqa: E402
-from lab.files import check_can_create, ensure_writable_dir, plan_outputs, read_json, write_json  # noqa: E402
+from lab.files import check_can_create, ensure_writable_dir, plan_outputs, reading, write_json  # noqa: E402
 from lab.machine import versions  # noqa: E402
 from lab.plots import pyplot, save_figure  # noqa: E402
 
@@ -101,17 +102,17 @@ def _init_worker(progress_queue):
 
 def run_all(data, cells, jobs, progress):
     """Every grid cell's run record, in grid order; they train in ``jobs`` forked processes."""
-    work = cells
-    bar = _bar(len(work) * cells[0].epochs, progress)
+    from tqdm import tqdm
+
     _SHARED["data"] = data
-    try:
-        if jobs == 1 or len(work) == 1 or "fork" not in multiprocessing.get_all_start_methods():
-            _SHARED["report"] = lambda epoch: bar.update(1)
-            return [run_task(config) for config in work]
-        return _run_parallel(work, min(jobs, len(work)), bar)
-    finally:
-        bar.close()
-        _SHARED.clear()
+    with tqdm(total=len(cells) * cells[0].epochs, desc="sweep", unit="epoch", disable=not progress) as bar:
+        try:
+            if jobs == 1 or len(cells) == 1 or "fork" not in multiprocessing.get_all_start_methods():
+                _SHARED["report"] = lambda epoch: bar.update(1)
+                return [run_task(config) for config in cells]
+            return _run_parallel(cells, min(jobs, len(cells)), bar)
+        finally:
+            _SHARED.clear()
 
 
 def _run_parallel(work, jobs, bar):
@@ -137,21 +138,6 @@ def _run_parallel(work, jobs, bar):
             pool.terminate()   # also on Ctrl-C: no worker outlives the sweep
             pool.join()
         signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(total, enabled):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-    return tqdm(total=total, desc="sweep", unit="epoch", dynamic_ncols=True)
 
 
 def best_run(runs):
@@ -184,53 +170,24 @@ def sweep_json(args, runs, provenance, seconds):
     }
 
 
-SWEEP_KEYS = {"kind", "mode", "epochs", "seed", "val_fraction", "grid", "weights", "random_init_weights",
-              "provenance", "seconds", "best", "runs", "versions"}
-RUN_KEYS = {"batch_size", "lr", "diverged", "diverged_epoch", "seconds", "train_loss", "val_acc", "test_acc",
-            "final_val_acc", "final_test_acc"}
-
-
-def load_sweep(path):
-    """The sweep JSON, checked enough to draw it: a damaged or foreign file is a UserError."""
-    sweep = read_json(path, "sweep-logreg")
-    problem = _sweep_problem(sweep)
-    if problem:
-        raise UserError(f"{path!r}: {problem}; run `make sweep-logreg` again")
-    return sweep
-
-
-def _sweep_problem(sweep):
-    if not isinstance(sweep, dict) or sweep.get("kind") != "sweep_logreg":
-        return "not a sweep_logreg result"
-    missing = sorted(SWEEP_KEYS - set(sweep))
-    if missing:
-        return f"lacks {', '.join(missing)}"
-    grid = sweep["grid"]
-    if not (isinstance(grid, dict) and all(isinstance(grid.get(k), list) and grid[k] for k in ("batch_size", "lr"))):
-        return "its grid is not two non-empty lists, batch_size and lr"
-    cells = [(b, lr) for b in grid["batch_size"] for lr in grid["lr"]]
-    runs = sweep["runs"]
-    if not isinstance(runs, list) or any(not isinstance(r, dict) or RUN_KEYS - set(r) for r in runs):
-        return f"its runs must each hold {', '.join(sorted(RUN_KEYS))}"
-    if [(r["batch_size"], r["lr"]) for r in runs] != cells:
-        return "its runs do not match its grid"
-    for r in runs:
-        lengths = {len(r[k]) if isinstance(r[k], list) else -1 for k in HISTORY_KEYS}
-        if len(lengths) != 1 or -1 in lengths or not all(
-                v is None or isinstance(v, (int, float)) for k in HISTORY_KEYS for v in r[k]):
-            return f"the run batch {r['batch_size']}, lr {r['lr']} has malformed histories"
-    if not isinstance(sweep["provenance"], dict) or "weights" not in sweep["provenance"].get("train", {}):
-        return "its provenance is corrupt"
-    return None
-
-
 # --------------------------------------------------------------------- the figure
 
-def plot_sweep(sweep, figures_dir):
+def draw(json_path, figures_dir):
+    """The figure, from what sweep_logreg.json holds; a damaged file is named, with its repair."""
+    ensure_writable_dir(figures_dir)
+    with reading(json_path, "sweep-logreg"):
+        with open(json_path) as f:
+            sweep = json.load(f)
+        if sweep["kind"] != "sweep_logreg":
+            raise ValueError(f"a {sweep['kind']} result, not a sweep_logreg one")
+        fig = plot_sweep(sweep)
+    return save_figure(fig, os.path.join(figures_dir, FIGURE_NAME), tight=False)
+
+
+def plot_sweep(sweep):
     """Heatmap of final test accuracy over the grid, beside small multiples of validation and test
     accuracy per epoch for each configuration; the best one (on validation) is outlined."""
     plt = pyplot()
-    ensure_writable_dir(figures_dir)
     batch_sizes, lrs = sweep["grid"]["batch_size"], sweep["grid"]["lr"]
     runs = {(r["batch_size"], r["lr"]): r for r in sweep["runs"]}
     best = sweep["best"]
@@ -250,8 +207,7 @@ def plot_sweep(sweep, figures_dir):
             legend.setdefault(label, handle)
     fig.legend(legend.values(), legend.keys(), loc="lower right", bbox_to_anchor=(0.98, 0.825), fontsize=8, ncol=3)
     mode = "the assignment's procedure (--reference)" if sweep["mode"] == "reference" else "default training"
-    weights = ("features from RANDOM-INIT ResNet-50 weights (not pretrained)" if sweep["random_init_weights"]
-               else f"ResNet-50 weights: {sweep['weights']}")
+    weights = logreg.describe(sweep["provenance"]["train"])
     if best:
         chosen = (f"best on validation: batch {best['batch_size']}, lr {best['lr']:g}, epoch {best['epoch']} "
                   f"(validation {best['val_acc']:.4f}, test {best['test_acc']:.4f})")
@@ -260,7 +216,7 @@ def plot_sweep(sweep, figures_dir):
     fig.suptitle(f"Logistic regression, batch size x learning rate, {sweep['epochs']} epochs, {mode}\n"
                  f"{weights}\n{chosen}", fontsize=11)
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.79)
-    return save_figure(fig, os.path.join(figures_dir, FIGURE_NAME), tight=False)
+    return fig
 
 
 def _heatmap(ax, batch_sizes, lrs, runs, best):
@@ -351,9 +307,8 @@ def main(argv=None):
     json_path = os.path.join(args.out_dir, JSON_NAME)
     figure_path = os.path.join(args.figures_dir, FIGURE_NAME)
     if args.plot_only:
-        sweep = load_sweep(json_path)
         plan_outputs([figure_path])
-        print(f"wrote {plot_sweep(sweep, args.figures_dir)}")
+        print(f"wrote {draw(json_path, args.figures_dir)}")
         return
 
     start = time.perf_counter()
@@ -363,9 +318,8 @@ def main(argv=None):
     for path in (args.out_dir, args.figures_dir):   # fail before training, create nothing yet
         check_can_create(path)
     plan_outputs([json_path, figure_path])
-    weights = provenance["train"]["weights"]
     if logreg.is_random_init(provenance["train"]):
-        print(f"WARNING: these features come from RANDOM-INIT ResNet-50 weights ({weights}), not pretrained ones")
+        print(f"WARNING: {logreg.describe(provenance['train'])}")
     print(f"sweep: {len(args.batch_sizes)} batch sizes x {len(args.lrs)} learning rates, {args.epochs} epochs, "
           f"{args.mode} mode, train {X.shape}, test {X_te.shape}, {args.jobs} job(s)")
     runs = run_all((X, logreg.get_one_hot(y), X_te, logreg.get_one_hot(y_te)), cells, args.jobs,
@@ -373,7 +327,7 @@ def main(argv=None):
     sweep = sweep_json(args, runs, provenance, time.perf_counter() - start)
     write_json(json_path, sweep)
     print(f"wrote {json_path}")
-    print(f"wrote {plot_sweep(sweep, args.figures_dir)}")
+    print(f"wrote {draw(json_path, args.figures_dir)}")
     for run in runs:
         final = "diverged at epoch %d" % run["diverged_epoch"] if run["diverged"] else (
             f"val {run['final_val_acc']:.4f}, test {run['final_test_acc']:.4f}")
