@@ -354,7 +354,6 @@ FIGURES = ("logreg_test_accuracy.png", "roc.png", "confusion_matrix.png")
 def draw(npz_path, figures_dir):
     """The figures, from what logreg.npz holds (no training): what --plot-only redraws. All three are
     drawn before any is written."""
-    ensure_writable_dir(figures_dir)
     plt = pyplot()
     with reading(npz_path, "logreg"):
         with np.load(npz_path, allow_pickle=False) as z:
@@ -386,6 +385,7 @@ def draw(npz_path, figures_dir):
             ax.text(j, i, count, ha="center", va="center", fontsize=7, color=color)
         ax.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted", ylabel="true",
                title=f"Confusion matrix, accuracy {np.mean(predicted == labels):.4f}{suffix}")
+    ensure_writable_dir(figures_dir)
     for name, fig in zip(FIGURES, figures + [fig]):
         print(f"wrote {save_figure(fig, os.path.join(figures_dir, name), tight=False)}")
 

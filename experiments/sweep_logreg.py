@@ -174,17 +174,15 @@ def sweep_json(args, runs, provenance, seconds):
 
 def draw(json_path, figures_dir):
     """The figure, from what sweep_logreg.json holds; a damaged file is named, with its repair."""
-    ensure_writable_dir(figures_dir)
     with reading(json_path, "sweep-logreg"):
         with open(json_path) as f:
             sweep = json.load(f)
         if sweep["kind"] != "sweep_logreg":
             raise ValueError(f"a {sweep['kind']} result, not a sweep_logreg one")
-        fig = plot_sweep(sweep)
-    return save_figure(fig, os.path.join(figures_dir, FIGURE_NAME), tight=False)
+        return plot_sweep(sweep, figures_dir)
 
 
-def plot_sweep(sweep):
+def plot_sweep(sweep, figures_dir):
     """Heatmap of final test accuracy over the grid, beside small multiples of validation and test
     accuracy per epoch for each configuration; the best one (on validation) is outlined."""
     plt = pyplot()
@@ -216,7 +214,8 @@ def plot_sweep(sweep):
     fig.suptitle(f"Logistic regression, batch size x learning rate, {sweep['epochs']} epochs, {mode}\n"
                  f"{weights}\n{chosen}", fontsize=11)
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.79)
-    return fig
+    ensure_writable_dir(figures_dir)
+    return save_figure(fig, os.path.join(figures_dir, FIGURE_NAME), tight=False)
 
 
 def _heatmap(ax, batch_sizes, lrs, runs, best):
