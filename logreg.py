@@ -19,13 +19,12 @@ if __name__ == "__main__":   # before numpy loads: the BLAS thread count is read
 
 import numpy as np  # noqa: E402
 
-from lab.cli import (ArgumentParser, UserError, add_common_args, positive_float,  # noqa: E402
-                     positive_int, run_main)
+from lab.cli import ArgumentParser, UserError, add_common_args, positive_float, positive_int, run_main  # noqa: E402
 from lab.files import (atomic_path, check_can_create, ensure_writable_dir, plan_outputs, reading,  # noqa: E402
                        write_json)
 from lab.machine import versions  # noqa: E402
 from lab.plots import pyplot, save_figure  # noqa: E402
-from lab.roc import multiclass_roc  # noqa: E402
+from lab.roc import multiclass_roc, plot_confusion, plot_history, plot_roc  # noqa: E402
 
 # The assignment's settings: what `logreg.py --reference` trains with.
 BATCH_SIZE = 64
@@ -93,7 +92,7 @@ def mlr(trfeature, tr_onehot, tefeature, te_onehot, epochs=EPOCHS, batch_size=BA
         theta_old = theta
         for i in range(0, trfeature.shape[0], batch_size):
             theta = apply_gradients(trfeature[i:i + batch_size], tr_onehot[i:i + batch_size], theta, lr)
-        log(epoch, theta, accuracy(tefeature, te_labels, theta))
+        log(epoch, theta, accuracy(logits(tefeature, theta), te_labels))
         moved = np.linalg.norm(theta - theta_old)
         if moved == 0:
             raise UserError(f"theta did not change in epoch {epoch}: nothing trains")
@@ -102,8 +101,8 @@ def mlr(trfeature, tr_onehot, tefeature, te_onehot, epochs=EPOCHS, batch_size=BA
     return theta
 
 
-def accuracy(X, y, theta):
-    return float(np.mean(np.argmax(logits(X, theta), axis=1) == y))
+def accuracy(scores, y):
+    return float(np.mean(np.argmax(scores, axis=1) == y))
 
 
 # --------------------------------------------------------------------- what each epoch reports
@@ -118,31 +117,28 @@ class Diverged(UserError):
     """The training diverged; ``history`` holds the epochs before that one."""
 
     def __init__(self, epoch, history, loss):
-        what = f"reached {loss:.3g}, beyond {DIVERGED_LOSS:.3g}" if math.isfinite(loss) else "is no longer finite"
-        super().__init__(f"the training diverged at epoch {epoch}: its mean loss {what}; lower --lr")
+        super().__init__(f"the training diverged at epoch {epoch}: its mean loss is {loss:.3g}; lower --lr")
         self.epoch, self.history = epoch, history
 
 
 class History(dict):
-    """Each epoch's numbers, from the theta it ended with: the training loss, validation and test
-    accuracy, and the seconds since training began. A diverging loss raises Diverged."""
+    """Each epoch's numbers, from the theta it ended with (not Nesterov's look-ahead point): the mean loss
+    of X's first n rows (the training rows), the accuracy of the others (validation) and of the test set,
+    and the seconds since training began. A diverging loss raises Diverged."""
 
-    def __init__(self, X, L, rows=None, val=(None, ()), l2=0.0, bar=None, on_epoch=None):
+    def __init__(self, X, L, n=None, l2=0.0, bar=None, on_epoch=None):
         super().__init__(train_loss=[], val_acc=[], test_acc=[], seconds=[])
-        self.X, self.L, self.val, self.l2, self.bar, self.on_epoch = X, L, val, l2, bar, on_epoch
-        self.rows = np.ones(len(X), bool) if rows is None else np.isin(np.arange(len(X)), rows)
+        self.X, self.L, self.n, self.l2, self.bar, self.on_epoch = X, L, len(X) if n is None else n, l2, bar, on_epoch
         self.start = time.perf_counter()
 
     def __call__(self, epoch, theta, test_acc):
-        loss = 0.0   # the training rows' mean loss, 4096 rows at a time
-        for s in range(0, len(self.X), 4096):
-            row_loss = -np.sum(self.L[s:s + 4096] * log_softmax(logits(self.X[s:s + 4096], theta)), axis=1)
-            loss += row_loss[self.rows[s:s + 4096]].sum(dtype=np.float64)
-        loss = float(loss / self.rows.sum() + 0.5 * self.l2 * np.sum(theta[:-1] ** 2, dtype=np.float64))
+        z = logits(self.X, theta)   # one product for both the loss and the validation accuracy
+        loss = -np.sum(self.L[:self.n] * log_softmax(z[:self.n]), dtype=np.float64) / self.n
+        loss = float(loss + 0.5 * self.l2 * np.sum(theta[:-1] ** 2, dtype=np.float64))
         if not loss < DIVERGED_LOSS:   # NaN compares False
             raise Diverged(epoch, self, loss)
         self["train_loss"].append(loss)
-        self["val_acc"].append(accuracy(*self.val, theta) if len(self.val[1]) else math.nan)
+        self["val_acc"].append(accuracy(z[self.n:], self.L[self.n:].argmax(axis=1)) if self.n < len(z) else math.nan)
         self["test_acc"].append(test_acc)
         self["seconds"].append(time.perf_counter() - self.start)
         if self.bar is not None:
@@ -156,8 +152,8 @@ class History(dict):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run, as the flags set it and logreg.npz records it. Its defaults are the
-    default training's, the one place they are set; for_mode("reference") gives the assignment's."""
+    """One training run, as the flags set it and logreg.npz records it: the default training's defaults,
+    the one place they are set; for_mode("reference") gives the assignment's."""
     mode: str = "default"
     epochs: int = 15
     batch_size: int = 256
@@ -170,14 +166,9 @@ class TrainConfig:
 
     @classmethod
     def for_mode(cls, mode="default", **values):
-        """The mode's defaults, replaced by the ``values`` that are not None."""
         base = {} if mode == "default" else dict(epochs=EPOCHS, batch_size=BATCH_SIZE, lr=LR, l2=0.0,
                                                   val_fraction=0.0, momentum=None, patience=None)
         return cls(mode=mode, **{**base, **{k: v for k, v in values.items() if v is not None}})
-
-    @property
-    def reference(self):
-        return self.mode == "reference"
 
 
 def split_validation(n, val_fraction, rng):
@@ -190,69 +181,71 @@ def split_validation(n, val_fraction, rng):
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def standardize(X, mean, scale, out=None, chunk=4096):
-    """X / scale - mean / scale in float32, a chunk of rows at a time (no overflow for any float32 X);
+def standardize(X, mean, scale, out=None):
+    """(X - mean) / scale in float32, as X / scale - mean / scale: no overflow for any float32 X.
     ``out=X`` overwrites a float32 X."""
-    out = np.empty(X.shape, np.float32) if out is None else out
-    for s in range(0, len(X), chunk):
-        np.multiply(X[s:s + chunk], (1 / scale).astype(np.float32), out=out[s:s + chunk])
-        out[s:s + chunk] -= (mean / scale).astype(np.float32)
+    out = np.multiply(X, (1 / scale).astype(np.float32), out=out, dtype=np.float32)
+    out -= (mean / scale).astype(np.float32)
     return out
 
 
-def fit_standardize(X, copy=True, chunk=4096):
-    """Standardize with X's own statistics, taken in float64: (X as float32, mean, scale). A column whose
-    spread is zero or lost in round-off (random-init features have such) keeps scale 1."""
-    mean = X.mean(axis=0, dtype=np.float64)
-    squares = sum(np.einsum("ij,ij->j", d, d) for d in (X[s:s + chunk] - mean for s in range(0, len(X), chunk)))
-    std = np.sqrt(squares / len(X))
-    scale = np.where(std <= 1e-6 * np.maximum(np.abs(mean), np.finfo(np.float32).tiny), 1.0, std)
-    in_place = not copy and X.dtype == np.float32 and X.flags.c_contiguous
-    return standardize(X, mean, scale, out=X if in_place else None), mean, scale
+def statistics(X, chunk=512):
+    """The mean and scale of X's columns. The sums are float64 (squares of float32 features can overflow
+    float32), in one pass: E[x^2] - mean^2 then loses less than the float32 rounding of the features did. A
+    column whose spread is that small or zero (random-init features have such) keeps scale 1."""
+    sums = np.zeros((2, X.shape[1]))
+    for s in range(0, len(X), chunk):
+        block = X[s:s + chunk].astype(np.float64)
+        sums += block.sum(axis=0), np.einsum("ij,ij->j", block, block)
+    mean = sums[0] / len(X)
+    std = np.sqrt(np.maximum(sums[1] / len(X) - mean ** 2, 0))
+    return mean, np.where(std <= 1e-6 * np.maximum(np.abs(mean), np.finfo(np.float32).tiny), 1.0, std)
 
 
-def train(X, L, X_te, L_te, config, progress=False, copy=True, on_epoch=None):
+def train(X, L, X_te, L_te, config, progress=False, on_epoch=None):
     """Train as ``config`` says: the reference mode calls mlr, the default mode train_default. Returns a
-    dict: theta, mean/scale (None in reference mode), history, epochs_run, best_epoch, config, test_probs.
-    copy=False lets the default training standardize a float32 X in place."""
+    dict: theta, mean/scale (0/1 in reference mode), history, epochs_run, best_epoch, config, test_probs.
+    Both train on a copy of X that holds the n training rows first, then the validation rows."""
     from tqdm import tqdm
 
     rng = np.random.default_rng(config.seed)
     rows, val = split_validation(len(X), config.val_fraction, rng)
-    y, y_te = np.argmax(L, axis=1), np.argmax(L_te, axis=1)
-    X_te, mean, scale = X_te.astype(np.float64), None, None   # float64 test probabilities: the ROC needs them
+    y_te, n, mean, scale = np.argmax(L_te, axis=1), len(rows), np.zeros(X.shape[1]), np.ones(X.shape[1])
     bar = tqdm(total=config.epochs, desc=f"logreg ({config.mode})", unit="epoch", disable=not progress)
     with bar, np.errstate(over="ignore", invalid="ignore"):   # a diverging run raises Diverged
-        if config.reference:   # float64, as the assignment's float32 features times its float64 theta
-            X_tr, X_val = X[rows].astype(np.float64), X[val].astype(np.float64)
-            hist = History(X_tr, L[rows], val=(X_val, y[val]), bar=bar, on_epoch=on_epoch)
-            theta = mlr(X_tr, L[rows], X_te, L_te, config.epochs, config.batch_size, config.lr, config.seed, hist)
+        if config.mode == "reference":   # float64, as the assignment's float32 features times its float64 theta
+            order = np.concatenate([rows, val])
+            X, L, X_te = X[order].astype(np.float64), L[order], X_te.astype(np.float64)
+            hist = History(X, L, n, bar=bar, on_epoch=on_epoch)
+            theta = mlr(X[:n], L[:n], X_te, L_te, config.epochs, config.batch_size, config.lr, config.seed, hist)
             best_epoch = len(hist["test_acc"])
-        else:
-            X, mean, scale = fit_standardize(X, copy=copy)
-            X_te = (X_te - mean) / scale
-            L = L.astype(np.float32)
-            hist = History(X, L, rows, (X[val], y[val]), config.l2, bar, on_epoch)
-            theta, best_epoch = train_default(X, L, rows, X_te.astype(np.float32), y_te, config, rng, hist)
+        else:   # the training rows shuffled once: each batch is a slice, not a gather
+            order = np.concatenate([rng.permutation(rows), val])
+            mean, scale = statistics(X)
+            X, X_te, L = X[order], standardize(X_te, mean, scale), L[order].astype(np.float32)
+            standardize(X, mean, scale, out=X)
+            hist = History(X, L, n, config.l2, bar, on_epoch)
+            theta, best_epoch = train_default(X, L, n, X_te, y_te, config, rng, hist)
+        test_probs = np.exp(log_softmax(logits(X_te.astype(np.float64), theta)))   # float64: the ROC needs them
     return {"theta": theta, "mean": mean, "scale": scale, "history": hist, "epochs_run": len(hist["test_acc"]),
-            "best_epoch": best_epoch, "config": config, "test_probs": np.exp(log_softmax(logits(X_te, theta)))}
+            "best_epoch": best_epoch, "config": config, "test_probs": test_probs}
 
 
-def train_default(X, L, rows, X_te, y_te, config, rng, log):
-    """Nesterov-momentum mini-batch SGD on standardized features, its lr decayed to 0 along a cosine,
-    early stopping on the validation rows: (the best validation epoch's theta, that epoch)."""
+def train_default(X, L, n, X_te, y_te, config, rng, log):
+    """Nesterov-momentum mini-batch SGD on the first n rows, each epoch its batches in a new order, its lr
+    decayed to 0 along a cosine, early stopping on the validation rows: (the best epoch's theta, that epoch)."""
     theta = np.zeros((X.shape[1] + 1, NUM_CLASSES), dtype=X.dtype)   # convex: zeros is as good as any
     velocity = np.zeros_like(theta)
-    total_steps, step = config.epochs * -(-len(rows) // config.batch_size), 0
+    starts = np.arange(0, n, config.batch_size)
+    total_steps, step = config.epochs * len(starts), 0
     best_acc, best_epoch, best_theta = -1.0, 0, theta
     for epoch in range(1, config.epochs + 1):
-        perm = rows[rng.permutation(len(rows))]
-        for i in range(0, len(rows), config.batch_size):
+        for i in rng.permutation(starts):
             rate = 0.5 * config.lr * (1.0 + math.cos(math.pi * step / total_steps))   # a Python float keeps float32
-            idx = perm[i:i + config.batch_size]
-            theta = apply_gradients(X[idx], L[idx], theta, rate, config.l2, config.momentum, velocity)
+            batch = slice(i, min(i + config.batch_size, n))
+            theta = apply_gradients(X[batch], L[batch], theta, rate, config.l2, config.momentum, velocity)
             step += 1
-        log(epoch, theta, accuracy(X_te, y_te, theta))
+        log(epoch, theta, accuracy(logits(X_te, theta), y_te))
         if math.isnan(log["val_acc"][-1]) or log["val_acc"][-1] > best_acc:   # no validation rows: the last
             best_acc, best_epoch, best_theta = log["val_acc"][-1], epoch, theta
         elif epoch - best_epoch >= config.patience:
@@ -263,9 +256,7 @@ def train_default(X, L, rows, X_te, y_te, config, rng, log):
 # --------------------------------------------------------------------- inputs and outputs
 
 # The metadata that defines the features: train and test must agree on each.
-PROVENANCE_KEYS = ("weights", "weights_kind", "network", "preprocessing", "image_size", "dtype", "seed")
-METADATA_KEYS = PROVENANCE_KEYS + ("pretrained", "feature_dim", "torch_version", "torchvision_version",
-                                   "elapsed_seconds")
+PROVENANCE_KEYS = ("feature_dim", "weights", "weights_kind", "network", "preprocessing", "image_size", "dtype", "seed")
 
 
 def load_features(path):
@@ -274,25 +265,23 @@ def load_features(path):
 
     with reading(path, "features"):
         mat = sio.loadmat(path)
-        features, labels = mat["features"], mat["labels"].reshape(-1)
-        meta = {k: np.squeeze(mat[k]).tolist() for k in METADATA_KEYS if k in mat}
-    if (features.ndim != 2 or not len(features) or features.dtype.kind not in "fiu" or labels.size != len(features)
-            or not np.isin(labels, np.arange(NUM_CLASSES)).all()):
-        raise UserError(f"{path!r}: features must be real numbers, m x d with m >= 1, and labels 0-{NUM_CLASSES - 1}, "
-                        f"one per row; it holds {features.dtype} features {features.shape} and {labels.size} labels")
+        X, y = mat["features"], mat["labels"].reshape(-1)
+    if X.ndim != 2 or not len(X) or X.dtype.kind not in "fiu" or y.size != len(X) or not np.isin(y, range(10)).all():
+        raise UserError(f"{path!r}: features must be real numbers, m x d with m >= 1, and labels 0-9, one per row; "
+                        f"it holds {X.dtype} features {X.shape} and {y.size} labels")
     with np.errstate(over="ignore", invalid="ignore"):   # beyond float32's range becomes infinite here
-        features = np.ascontiguousarray(features, dtype=np.float32)
-        if not np.isfinite(features.sum(axis=0, dtype=np.float64)).all():   # one pass, no m x d mask
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if not np.isfinite(X.sum(axis=0, dtype=np.float64)).all():   # one pass, no m x d mask
             raise UserError(f"{path!r}: features contain NaN or infinite values, or values beyond "
                             f"float32's range ({np.finfo(np.float32).max:.3g})")
-    return features, labels.astype(np.int64), {"weights": "unknown", **meta, "feature_dim": features.shape[1]}
+    meta = {k: np.squeeze(v).tolist() for k, v in mat.items() if k not in ("features", "labels") and k[0] != "_"}
+    return X, y.astype(np.int64), {"weights": "unknown", **meta, "feature_dim": X.shape[1]}
 
 
 def load_pair(train_path, test_path):
     """Train and test features, which must come from the same extraction settings."""
-    X_tr, y_tr, meta_tr = load_features(train_path)
-    X_te, y_te, meta_te = load_features(test_path)
-    for key in ("feature_dim",) + PROVENANCE_KEYS:
+    (X_tr, y_tr, meta_tr), (X_te, y_te, meta_te) = load_features(train_path), load_features(test_path)
+    for key in PROVENANCE_KEYS:
         if meta_tr.get(key) != meta_te.get(key):
             raise UserError(f"train and test features differ in {key}: {meta_tr.get(key)!r} in {train_path!r}, "
                             f"{meta_te.get(key)!r} in {test_path!r}; extract both with the same settings, "
@@ -316,12 +305,10 @@ def describe(meta):
 
 
 def save_npz(path, result, y_te, provenance):
-    hist, d = result["history"], result["theta"].shape[0] - 1
-    arrays = {"theta": result["theta"], "test_probs": result["test_probs"], "test_labels": y_te,
-              "mean": np.zeros(d) if result["mean"] is None else result["mean"],
-              "scale": np.ones(d) if result["scale"] is None else result["scale"],
-              "epoch_seconds": hist["seconds"], "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"],
-              **{key: hist[key] for key in ("train_loss", "val_acc", "test_acc")},
+    hist = result["history"]
+    arrays = {**{key: result[key] for key in ("theta", "test_probs", "mean", "scale", "best_epoch", "epochs_run")},
+              **{key: hist[key] for key in ("train_loss", "val_acc", "test_acc")}, "epoch_seconds": hist["seconds"],
+              "test_labels": y_te,
               # JSON strings, so that np.load never needs allow_pickle
               "config_json": json.dumps(asdict(result["config"])), "provenance_json": json.dumps(provenance)}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:   # a file object: savez adds no ".npz"
@@ -334,13 +321,12 @@ def finite_or_none(value):
 
 
 def metrics(result, y_te, roc, provenance, seconds):
-    n_defined = NUM_CLASSES - len(roc["undefined"])
-    undefined = {str(k): f"{why}: a one-vs-rest ROC needs both classes, so its AUC is undefined (null) and the "
-                         f"macro average is over the other {n_defined} classes" for k, why in roc["undefined"].items()}
+    # A class absent from the test set (or the only one) has no one-vs-rest ROC: its AUC is null, and the
+    # macro average is over the other classes.
     return {"test_accuracy": float(np.mean(np.argmax(result["test_probs"], axis=1) == y_te)),
             "auc": {"per_class": {str(k): finite_or_none(v) for k, v in enumerate(roc["per_class_auc"])},
                     "macro": finite_or_none(roc["macro_auc"]), "micro": finite_or_none(roc["micro_auc"]),
-                    "undefined": undefined},
+                    "undefined": {str(k): why for k, why in roc["undefined"].items()}},
             "epochs_run": result["epochs_run"], "best_epoch": result["best_epoch"], "seconds": seconds,
             "weights": provenance["train"]["weights"], "random_init_weights": is_random_init(provenance["train"]),
             "config": asdict(result["config"]), "provenance": provenance, "versions": versions()}
@@ -358,60 +344,16 @@ def draw(npz_path, figures_dir):
     with reading(npz_path, "logreg"):
         with np.load(npz_path, allow_pickle=False) as z:
             data = {key: z[key] for key in z.files}
-        reference = TrainConfig(**json.loads(str(data["config_json"]))).reference
+        mode = TrainConfig(**json.loads(str(data["config_json"]))).mode
         suffix = "\n" + describe(json.loads(str(data["provenance_json"]))["train"])
         labels = data["test_labels"]
         probs = data["test_probs"].reshape(len(labels), NUM_CLASSES)
-        # Fixed margins instead of tight_layout, which costs a third of the drawing time here.
-        fig, ax = plt.subplots(figsize=(6.4, 4.4), gridspec_kw=dict(left=0.11, right=0.97, bottom=0.11, top=0.86))
-        epochs = np.arange(1, len(data["test_acc"]) + 1)
-        ax.plot(epochs, data["test_acc"], marker=".", label="test accuracy")
-        if np.any(np.isfinite(data["val_acc"])):
-            ax.plot(epochs, data["val_acc"], marker=".", linestyle="--", label="validation accuracy")
-        if data["best_epoch"] != len(epochs):   # early stopping kept an earlier epoch's weights
-            ax.axvline(data["best_epoch"], color="gray", linestyle=":", label=f"kept: epoch {data['best_epoch']}")
-        ax.set(xlabel="epoch", ylabel="accuracy",
-               title=f"Logistic regression ({'reference procedure' if reference else 'default training'}){suffix}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        figures = [fig, plot_roc(plt, labels, probs, suffix)]
-        predicted = np.argmax(probs, axis=1)
-        cm = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
-        np.add.at(cm, (labels, predicted), 1)
-        fig, ax = plt.subplots(figsize=(6.4, 5.8), gridspec_kw=dict(left=0.1, right=0.9, bottom=0.09, top=0.89))
-        fig.colorbar(ax.imshow(cm, cmap="Blues"), ax=ax, fraction=0.046)
-        for (i, j), count in np.ndenumerate(cm):
-            color = "white" if count > cm.max() / 2 else "black"
-            ax.text(j, i, count, ha="center", va="center", fontsize=7, color=color)
-        ax.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted", ylabel="true",
-               title=f"Confusion matrix, accuracy {np.mean(predicted == labels):.4f}{suffix}")
+        title = f"Logistic regression ({mode} training){suffix}"
+        figures = [plot_history(plt, data["test_acc"], data["val_acc"], data["best_epoch"], title),
+                   plot_roc(plt, labels, probs, suffix), plot_confusion(plt, labels, probs, suffix)]
     ensure_writable_dir(figures_dir)
-    for name, fig in zip(FIGURES, figures + [fig]):
+    for name, fig in zip(FIGURES, figures):
         print(f"wrote {save_figure(fig, os.path.join(figures_dir, name), tight=False)}")
-
-
-def plot_roc(plt, labels, probs, suffix):
-    """The ROC curves on linear axes, and with the false-positive rate on a log scale, where curves
-    that all hug the corner come apart."""
-    roc = multiclass_roc(labels, probs)
-    fig, axes = plt.subplots(1, 2, figsize=(12.5, 6.0),
-                             gridspec_kw=dict(left=0.055, right=0.985, bottom=0.09, top=0.89, wspace=0.16))
-    low = 1.0 / max(len(labels) - np.bincount(labels, minlength=NUM_CLASSES).max(), 1)   # the least FPR above 0
-    macro = "macro avg" + (f" of {NUM_CLASSES - len(roc['undefined'])} classes" if roc["undefined"] else "")
-    names = [f"class {k}: AUC undefined ({roc['undefined'][k]})" if k in roc["undefined"]
-             else f"class {k} (AUC {roc['per_class_auc'][k]:.4f})" for k in range(NUM_CLASSES)]
-    for axis in axes:
-        for k, (fpr, tpr) in enumerate(roc["per_class"]):
-            axis.plot(fpr, tpr, lw=1, color=f"C{k}", label=names[k])
-        axis.plot(*roc["micro"], lw=2.5, color="black", linestyle=":", label=f"micro avg (AUC {roc['micro_auc']:.4f})")
-        axis.plot(*roc["macro"], lw=2.5, color="navy", linestyle="--", label=f"{macro} (AUC {roc['macro_auc']:.4f})")
-        axis.plot([low, 1], [low, 1], color="lightgray", lw=1, linestyle="--", label="chance")
-        axis.set(xlabel="false positive rate", ylabel="true positive rate", ylim=(0, 1.01))
-        axis.grid(alpha=0.3)
-    axes[0].set(xlim=(0, 1), title=f"One-vs-rest ROC, MNIST test set{suffix}")
-    axes[1].set(xscale="log", xlim=(low, 1), title="the same, false positive rate on a log scale")
-    axes[0].legend(fontsize=8, loc="lower right")
-    return fig
 
 
 # --------------------------------------------------------------------- command line
@@ -426,14 +368,9 @@ def add_io_args(parser, writes):
     return parser
 
 
-def settings(config):
-    return ", ".join(f"{k} {v}" for k, v in asdict(config).items() if v is not None and k not in ("mode", "seed"))
-
-
 def parse_args(argv=None):
-    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=f"A flag left out takes the mode's default: "
-                       f"{settings(TrainConfig())}; with --reference: {settings(TrainConfig.for_mode('reference'))}. "
-                       "Other settings: TrainConfig in logreg.py.")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog="A flag left out takes the mode's default "
+                       "(TrainConfig in logreg.py; --reference: BATCH_SIZE, LR, EPOCHS).")
     add_io_args(p, "logreg.npz and logreg_metrics.json")
     p.add_argument("--epochs", type=positive_int, help="maximum epochs")
     p.add_argument("--batch-size", type=positive_int, help="mini-batch size")
@@ -469,9 +406,9 @@ def main(argv=None):
     if random_init:
         print(f"WARNING: {describe(meta)}; accuracy and AUC say little about transfer learning")
     print(f"train {X_tr.shape}, test {X_te.shape}, {meta.get('network', 'ResNet-50')} features, "
-          f"weights {meta['weights']}, {'reference procedure' if config.reference else 'default training'}")
+          f"weights {meta['weights']}, {config.mode} training")
     t1 = time.perf_counter()
-    result = train(X_tr, get_one_hot(y_tr), X_te, get_one_hot(y_te), config, not args.no_progress, copy=False)
+    result = train(X_tr, get_one_hot(y_tr), X_te, get_one_hot(y_te), config, not args.no_progress)
     t_train = time.perf_counter() - t1
     roc = multiclass_roc(y_te, result["test_probs"])
     m = metrics(result, y_te, roc, provenance, {"train": t_train, "total": time.perf_counter() - t0})
