@@ -1,29 +1,22 @@
 """`make sweep-logreg`: the assignment's "modify BATCH_SIZE / LR to see change in performance"
 as one grid of logreg.py trainings, recorded epoch by epoch and drawn on one figure.
 
-    python -m experiments.sweep_logreg                                # batch {16,64,256,1024} x lr {1e-4..1e-1}, 20 epochs
+    python -m experiments.sweep_logreg                                # the grid of GRID_DEFAULTS
     python -m experiments.sweep_logreg --batch-sizes 64 256 --lrs 1e-3 1e-2 --epochs 5
     python -m experiments.sweep_logreg --mode default                # logreg.py's default training instead
     python -m experiments.sweep_logreg --plot-only                   # re-render the figure from the JSON
 
-Each configuration trains on the training rows left after a validation split carved from the
-training set (--val-fraction, the same rows for all), and records per epoch its training loss,
-validation accuracy and test accuracy. The best configuration (and epoch) is chosen on
-validation accuracy, never on test accuracy. A diverging loss (logreg.diverged: no longer finite,
-or beyond logreg.DIVERGED_LOSS) is a result: that configuration is marked diverged at that epoch,
-and the others go on.
-
-Each configuration is one call of logreg.train, the very training a lone logreg.py run makes
-(in the reference mode, the default, the assignment's loop), and the configurations train in
-parallel processes (--jobs). So a configuration's history equals a lone `logreg.py --reference
---batch-size B --lr LR --epochs E --val-fraction F` run of it.
+Each configuration is one call of logreg.train (in the reference mode, the default, the assignment's
+mlr), in parallel processes (--jobs): its history equals a lone `logreg.py --reference --batch-size B
+--lr LR --epochs E --val-fraction F` run. The best configuration and epoch are chosen on validation
+accuracy, never on test accuracy. A diverging run is a result: marked diverged at that epoch.
 
 Outputs: OUT/sweep_logreg.json, then FIGURES/sweep_logreg.png.
 """
+import json
 import math
 import multiprocessing
 import os
-import queue
 import signal
 import time
 
@@ -37,26 +30,18 @@ import logreg  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lab.cli import ArgumentParser, UserError, add_common_args, positive_float, positive_int, run_main  # noqa: E402
-from lab.files import check_can_create, ensure_writable_dir, plan_outputs, read_json, write_json  # noqa: E402
+from lab.files import check_can_create, ensure_writable_dir, plan_outputs, reading, write_json  # noqa: E402
 from lab.machine import versions  # noqa: E402
 from lab.plots import pyplot, save_figure  # noqa: E402
 
 GRID_DEFAULTS = {"batch_size": [16, 64, 256, 1024], "lr": [1e-4, 1e-3, 1e-2, 1e-1]}
 EPOCHS, VAL_FRACTION = 20, 0.1
 JSON_NAME, FIGURE_NAME = "sweep_logreg.json", "sweep_logreg.png"
-SECONDS_NOTE = "wall seconds of the training call that produced the run"
 HISTORY_KEYS = ("train_loss", "val_acc", "test_acc")
 NO_BEST = "no configuration converged: every one diverged, so none is best"
 
 
 # --------------------------------------------------------------------- training
-
-def configs(mode, batch_sizes, lrs, epochs, seed, val_fraction):
-    """The TrainConfig of every grid cell, batch size major."""
-    return [logreg.TrainConfig.for_mode(mode, epochs=epochs, batch_size=b, lr=lr, seed=seed,
-                                        val_fraction=val_fraction)
-            for b in batch_sizes for lr in lrs]
-
 
 _SHARED = {}   # set before the workers fork: they inherit the data instead of reloading 0.5 GB
 
@@ -64,94 +49,50 @@ _SHARED = {}   # set before the workers fork: they inherit the data instead of r
 def run_task(config):
     """Train one configuration as logreg.py would; returns its run record. A diverging run is a
     result: its history up to the epoch whose loss diverged."""
-    X, L, X_te, L_te = _SHARED["data"]
-    start = time.perf_counter()
+    start, diverged = time.perf_counter(), None
     try:
-        result = logreg.train(X, L, X_te, L_te, config, on_epoch=_SHARED["report"])
-    except logreg.Diverged as exc:
-        result = {"history": exc.history, "diverged_epoch": exc.epoch}
-    return run_record(config, result, time.perf_counter() - start)
-
-
-def run_record(config, result, seconds):
-    hist = result["history"]
-    diverged = result.get("diverged_epoch")
-    if diverged and len(hist["train_loss"]) < diverged:   # training raises before recording that epoch
+        hist = logreg.train(*_SHARED["data"], config, on_epoch=_SHARED["report"])["history"]
+    except logreg.Diverged as exc:   # raised before that epoch is recorded
+        hist, diverged = exc.history, exc.epoch
         for key in HISTORY_KEYS:
             hist[key].append(math.nan)
     record = {"batch_size": config.batch_size, "lr": config.lr, "diverged": bool(diverged),
-              "diverged_epoch": diverged, "seconds": seconds}
+              "diverged_epoch": diverged, "seconds": time.perf_counter() - start}
     record.update({key: [logreg.finite_or_none(v) for v in hist[key]] for key in HISTORY_KEYS})
     record["final_val_acc"] = None if diverged else record["val_acc"][-1]
     record["final_test_acc"] = None if diverged else record["test_acc"][-1]
     return record
 
 
-INTERRUPTS = {signal.SIGINT, signal.SIGTERM}
+INTERRUPTS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
-def _init_worker(progress_queue):
-    # The parent handles Ctrl-C and SIGTERM and ends the workers; they must neither print a
-    # traceback nor turn the parent's SIGTERM into an exception of their own.
+def _init_worker():
+    # The parent handles interrupts and ends its workers with SIGTERM: they die quietly, with no traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)   # blocked by the parent while it forked
-    _SHARED["report"] = lambda epoch: progress_queue.put(1)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
 
 
 def run_all(data, cells, jobs, progress):
     """Every grid cell's run record, in grid order; they train in ``jobs`` forked processes."""
-    work = cells
-    bar = _bar(len(work) * cells[0].epochs, progress)
-    _SHARED["data"] = data
-    try:
-        if jobs == 1 or len(work) == 1 or "fork" not in multiprocessing.get_all_start_methods():
-            _SHARED["report"] = lambda epoch: bar.update(1)
-            return [run_task(config) for config in work]
-        return _run_parallel(work, min(jobs, len(work)), bar)
-    finally:
-        bar.close()
-        _SHARED.clear()
-
-
-def _run_parallel(work, jobs, bar):
-    context = multiprocessing.get_context("fork")
-    progress_queue = context.Queue()
-    # An interrupt in the middle of forking would land in fork's own handlers (and be lost), so
-    # interrupts wait until the pool stands and the cleanup below is sure to run.
-    unmasked = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
-    pool = None
-    try:
-        pool = context.Pool(jobs, initializer=_init_worker, initargs=(progress_queue,))
-        signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
-        pending = pool.map_async(run_task, work, chunksize=1)
-        while not pending.ready():
-            try:
-                bar.update(progress_queue.get(timeout=0.2))
-            except queue.Empty:
-                pass
-        return pending.get()
-    finally:
-        signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)   # a second Ctrl-C must not cut the cleanup short
-        if pool is not None:
-            pool.terminate()   # also on Ctrl-C: no worker outlives the sweep
-            pool.join()
-        signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(total, enabled):
-    if not enabled:
-        return _NoBar()
     from tqdm import tqdm
-    return tqdm(total=total, desc="sweep", unit="epoch", dynamic_ncols=True)
+
+    _SHARED["data"] = data
+    with tqdm(total=len(cells) * cells[0].epochs, desc="sweep", unit="epoch", disable=not progress) as bar:
+        _SHARED["report"] = lambda epoch: bar.update(1)
+        if jobs == 1 or len(cells) == 1:
+            return [run_task(config) for config in cells]
+        _SHARED["report"] = None   # a worker's epochs are not the parent's bar: it moves a run at a time
+        # Interrupts wait while the workers fork, so that the pool stands and its cleanup is sure to run.
+        unmasked = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(cells)), initializer=_init_worker) as pool:
+            signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
+            runs = []
+            for run in pool.imap(run_task, cells):   # leaving the block terminates the workers
+                runs.append(run)
+                bar.update(len(run["test_acc"]))
+            return runs
 
 
 def best_run(runs):
@@ -171,145 +112,50 @@ def best_run(runs):
             "test_acc": run["test_acc"][epoch - 1], "epoch": epoch}
 
 
-# --------------------------------------------------------------------- the JSON
-
-def sweep_json(args, runs, provenance, seconds):
-    meta = provenance["train"]
-    return {
-        "kind": "sweep_logreg", "mode": args.mode, "epochs": args.epochs, "seed": args.seed,
-        "val_fraction": args.val_fraction, "grid": {"batch_size": args.batch_sizes, "lr": args.lrs},
-        "weights": meta["weights"], "random_init_weights": logreg.is_random_init(meta),
-        "provenance": provenance, "seconds": seconds, "jobs": args.jobs, "seconds_note": SECONDS_NOTE,
-        "best": best_run(runs), "runs": runs, "versions": versions(),
-    }
-
-
-SWEEP_KEYS = {"kind", "mode", "epochs", "seed", "val_fraction", "grid", "weights", "random_init_weights",
-              "provenance", "seconds", "best", "runs", "versions"}
-RUN_KEYS = {"batch_size", "lr", "diverged", "diverged_epoch", "seconds", "train_loss", "val_acc", "test_acc",
-            "final_val_acc", "final_test_acc"}
-
-
-def load_sweep(path):
-    """The sweep JSON, checked enough to draw it: a damaged or foreign file is a UserError."""
-    sweep = read_json(path, "sweep-logreg")
-    problem = _sweep_problem(sweep)
-    if problem:
-        raise UserError(f"{path!r}: {problem}; run `make sweep-logreg` again")
-    return sweep
-
-
-def _sweep_problem(sweep):
-    if not isinstance(sweep, dict) or sweep.get("kind") != "sweep_logreg":
-        return "not a sweep_logreg result"
-    missing = sorted(SWEEP_KEYS - set(sweep))
-    if missing:
-        return f"lacks {', '.join(missing)}"
-    grid = sweep["grid"]
-    if not (isinstance(grid, dict) and all(isinstance(grid.get(k), list) and grid[k] for k in ("batch_size", "lr"))):
-        return "its grid is not two non-empty lists, batch_size and lr"
-    cells = [(b, lr) for b in grid["batch_size"] for lr in grid["lr"]]
-    runs = sweep["runs"]
-    if not isinstance(runs, list) or any(not isinstance(r, dict) or RUN_KEYS - set(r) for r in runs):
-        return f"its runs must each hold {', '.join(sorted(RUN_KEYS))}"
-    if [(r["batch_size"], r["lr"]) for r in runs] != cells:
-        return "its runs do not match its grid"
-    for r in runs:
-        lengths = {len(r[k]) if isinstance(r[k], list) else -1 for k in HISTORY_KEYS}
-        if len(lengths) != 1 or -1 in lengths or not all(
-                v is None or isinstance(v, (int, float)) for k in HISTORY_KEYS for v in r[k]):
-            return f"the run batch {r['batch_size']}, lr {r['lr']} has malformed histories"
-    if not isinstance(sweep["provenance"], dict) or "weights" not in sweep["provenance"].get("train", {}):
-        return "its provenance is corrupt"
-    return None
-
-
 # --------------------------------------------------------------------- the figure
 
+def draw(json_path, figures_dir):
+    """The figure, from what sweep_logreg.json holds; a damaged file is named, with its repair."""
+    with reading(json_path, "sweep-logreg"):
+        with open(json_path) as f:
+            sweep = json.load(f)
+        if sweep["kind"] != "sweep_logreg":
+            raise ValueError(f"a {sweep['kind']} result, not a sweep_logreg one")
+        return plot_sweep(sweep, figures_dir)
+
+
 def plot_sweep(sweep, figures_dir):
-    """Heatmap of final test accuracy over the grid, beside small multiples of validation and test
-    accuracy per epoch for each configuration; the best one (on validation) is outlined."""
-    plt = pyplot()
-    ensure_writable_dir(figures_dir)
-    batch_sizes, lrs = sweep["grid"]["batch_size"], sweep["grid"]["lr"]
-    runs = {(r["batch_size"], r["lr"]): r for r in sweep["runs"]}
-    best = sweep["best"]
-    fig = plt.figure(figsize=(6.0 + 2.4 * len(lrs), max(6.0, 1.9 * len(batch_sizes) + 1.8)))
-    outer = fig.add_gridspec(1, 2, width_ratios=[1.0, 0.5 * len(lrs) + 0.4], wspace=0.25)
-    _heatmap(fig.add_subplot(outer[0]), batch_sizes, lrs, runs, best)
-    small = outer[1].subgridspec(len(batch_sizes), len(lrs), hspace=0.55, wspace=0.15)
-    first = None
-    for i, b in enumerate(batch_sizes):
-        for j, lr in enumerate(lrs):
-            ax = fig.add_subplot(small[i, j], sharex=first, sharey=first)
-            first = first or ax
-            _small_multiple(ax, runs[(b, lr)], best, bottom=i == len(batch_sizes) - 1, left=j == 0)
-    legend = {}   # one entry per label, whichever small multiple drew it
-    for ax in fig.axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(label, handle)
-    fig.legend(legend.values(), legend.keys(), loc="lower right", bbox_to_anchor=(0.98, 0.825), fontsize=8, ncol=3)
-    mode = "the assignment's procedure (--reference)" if sweep["mode"] == "reference" else "default training"
-    weights = ("features from RANDOM-INIT ResNet-50 weights (not pretrained)" if sweep["random_init_weights"]
-               else f"ResNet-50 weights: {sweep['weights']}")
-    if best:
-        chosen = (f"best on validation: batch {best['batch_size']}, lr {best['lr']:g}, epoch {best['epoch']} "
-                  f"(validation {best['val_acc']:.4f}, test {best['test_acc']:.4f})")
-    else:
-        chosen = NO_BEST
-    fig.suptitle(f"Logistic regression, batch size x learning rate, {sweep['epochs']} epochs, {mode}\n"
-                 f"{weights}\n{chosen}", fontsize=11)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.79)
-    return save_figure(fig, os.path.join(figures_dir, FIGURE_NAME), tight=False)
-
-
-def _heatmap(ax, batch_sizes, lrs, runs, best):
-    final = np.array([[_number(runs[(b, lr)]["final_test_acc"]) for lr in lrs] for b in batch_sizes])
-    image = ax.imshow(np.ma.masked_invalid(final), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-    image.cmap.set_bad("lightgray")
-    for i, b in enumerate(batch_sizes):
-        for j, lr in enumerate(lrs):
-            run = runs[(b, lr)]
-            if run["diverged"]:
-                text, color = f"diverged\n(epoch {run['diverged_epoch']})", "black"
-                ax.add_patch(_cell(ax, j, i, hatch="xx", edgecolor="dimgray", lw=0))
-            else:
-                text, color = f"{final[i, j]:.4f}", "white" if final[i, j] < 0.6 else "black"
-            ax.text(j, i, text, ha="center", va="center", fontsize=9, color=color)
-            if best and (b, lr) == (best["batch_size"], best["lr"]):
-                ax.add_patch(_cell(ax, j, i, edgecolor="red", lw=3))
-    ax.set(xticks=range(len(lrs)), xticklabels=[f"{lr:g}" for lr in lrs], yticks=range(len(batch_sizes)),
-           yticklabels=[str(b) for b in batch_sizes], xlabel="learning rate", ylabel="batch size",
-           title="final test accuracy (red: best on validation)")
-    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
-
-
-def _cell(ax, x, y, **style):
+    """Final test accuracy over the grid: the best configuration (on validation) outlined in red, a
+    diverged one grey, hatched and labelled with its epoch."""
     from matplotlib.patches import Rectangle
-    return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, **style)
 
-
-def _small_multiple(ax, run, best, bottom, left):
-    epochs = np.arange(1, len(run["test_acc"]) + 1)
-    ax.plot(epochs, [_number(v) for v in run["val_acc"]], lw=1.2, label="validation accuracy")
-    ax.plot(epochs, [_number(v) for v in run["test_acc"]], lw=1.2, linestyle="--", label="test accuracy")
-    if best and (run["batch_size"], run["lr"]) == (best["batch_size"], best["lr"]):
-        ax.axvline(best["epoch"], color="red", lw=1, label="best epoch (validation)")
-        for side in ax.spines.values():
-            side.set(color="red", linewidth=2)
-    if run["diverged"]:
-        ax.text(0.5, 0.5, f"diverged at\nepoch {run['diverged_epoch']}", transform=ax.transAxes,
-                ha="center", va="center", fontsize=8, color="darkred")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"batch {run['batch_size']}, lr {run['lr']:g}", fontsize=8)
-    ax.tick_params(labelsize=7, labelbottom=bottom, labelleft=left)
-    ax.grid(alpha=0.3)
-    if bottom:
-        ax.set_xlabel("epoch", fontsize=8)
-
-
-def _number(value):
-    return math.nan if value is None else value
+    plt = pyplot()
+    batch_sizes, lrs, best = sweep["grid"]["batch_size"], sweep["grid"]["lr"], sweep["best"]
+    runs = {(r["batch_size"], r["lr"]): r for r in sweep["runs"]}
+    final = np.array([[math.nan if runs[(b, lr)]["diverged"] else runs[(b, lr)]["final_test_acc"] for lr in lrs]
+                      for b in batch_sizes], dtype=float)
+    fig, ax = plt.subplots(figsize=(2.0 + 1.3 * len(lrs), 2.4 + 0.8 * len(batch_sizes)))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgray")
+    image = ax.imshow(np.ma.masked_invalid(final), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for (i, j), acc in np.ndenumerate(final):
+        run = runs[(batch_sizes[i], lrs[j])]
+        if run["diverged"]:
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xx", edgecolor="dimgray", lw=0))
+        text = f"diverged\n(epoch {run['diverged_epoch']})" if run["diverged"] else f"{acc:.4f}"
+        ax.text(j, i, text, ha="center", va="center", fontsize=9, color="white" if acc < 0.6 else "black")
+        if best and (run["batch_size"], run["lr"]) == (best["batch_size"], best["lr"]):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=3))
+    ax.set(xticks=range(len(lrs)), xticklabels=[f"{lr:g}" for lr in lrs], yticks=range(len(batch_sizes)),
+           yticklabels=[str(b) for b in batch_sizes], xlabel="learning rate", ylabel="batch size")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label="final test accuracy")
+    mode = "the assignment's procedure" if sweep["mode"] == "reference" else "default training"
+    chosen = NO_BEST if not best else (f"best on validation (red): batch {best['batch_size']}, lr {best['lr']:g}, "
+                                       f"epoch {best['epoch']}, test {best['test_acc']:.4f}")
+    fig.suptitle(f"Logistic regression, {sweep['epochs']} epochs, {mode}\n"
+                 f"{logreg.describe(sweep['provenance']['train'])}\n{chosen}", fontsize=9)
+    fig.tight_layout()
+    ensure_writable_dir(figures_dir)
+    return save_figure(fig, os.path.join(figures_dir, FIGURE_NAME), tight=False)
 
 
 # --------------------------------------------------------------------- main
@@ -329,8 +175,7 @@ def parse_args(argv=None):
                    help="learning rates of the grid (SWEEP_LR)")
     p.add_argument("--epochs", type=positive_int, default=EPOCHS, help="epochs per configuration (SWEEP_EPOCHS)")
     p.add_argument("--mode", choices=("reference", "default"), default="reference",
-                   help="reference: the assignment's procedure (raw features, plain SGD, constant lr); "
-                        "default: logreg.py's default training (SWEEP_MODE)")
+                   help="the assignment's procedure, or logreg.py's default training (SWEEP_MODE)")
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
                    help="share of the training set held out to choose the best configuration")
     add_common_args(p, "seed", seed={"help": "seed of the validation split, initialization and shuffling"})
@@ -348,43 +193,39 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    json_path = os.path.join(args.out_dir, JSON_NAME)
-    figure_path = os.path.join(args.figures_dir, FIGURE_NAME)
+    json_path, figure_path = os.path.join(args.out_dir, JSON_NAME), os.path.join(args.figures_dir, FIGURE_NAME)
     if args.plot_only:
-        sweep = load_sweep(json_path)
         plan_outputs([figure_path])
-        print(f"wrote {plot_sweep(sweep, args.figures_dir)}")
-        return
-
+        return print(f"wrote {draw(json_path, args.figures_dir)}")
     start = time.perf_counter()
-    cells = configs(args.mode, args.batch_sizes, args.lrs, args.epochs, args.seed, args.val_fraction)
     X, y, X_te, y_te, provenance = logreg.load_pair(args.train_mat, args.test_mat)
     logreg.split_validation(len(y), args.val_fraction, np.random.default_rng(0))   # fails early if it must
     for path in (args.out_dir, args.figures_dir):   # fail before training, create nothing yet
         check_can_create(path)
     plan_outputs([json_path, figure_path])
-    weights = provenance["train"]["weights"]
     if logreg.is_random_init(provenance["train"]):
-        print(f"WARNING: these features come from RANDOM-INIT ResNet-50 weights ({weights}), not pretrained ones")
+        print(f"WARNING: {logreg.describe(provenance['train'])}")
     print(f"sweep: {len(args.batch_sizes)} batch sizes x {len(args.lrs)} learning rates, {args.epochs} epochs, "
           f"{args.mode} mode, train {X.shape}, test {X_te.shape}, {args.jobs} job(s)")
-    runs = run_all((X, logreg.get_one_hot(y), X_te, logreg.get_one_hot(y_te)), cells, args.jobs,
-                   not args.no_progress)
-    sweep = sweep_json(args, runs, provenance, time.perf_counter() - start)
+    cells = [logreg.TrainConfig.for_mode(args.mode, epochs=args.epochs, batch_size=b, lr=lr, seed=args.seed,
+                                         val_fraction=args.val_fraction) for b in args.batch_sizes for lr in args.lrs]
+    runs = run_all((X, logreg.get_one_hot(y), X_te, logreg.get_one_hot(y_te)), cells, args.jobs, not args.no_progress)
+    sweep = {"kind": "sweep_logreg", "mode": args.mode, "epochs": args.epochs, "seed": args.seed,
+             "val_fraction": args.val_fraction, "grid": {"batch_size": args.batch_sizes, "lr": args.lrs},
+             "weights": provenance["train"]["weights"],
+             "random_init_weights": logreg.is_random_init(provenance["train"]),
+             "provenance": provenance, "seconds": time.perf_counter() - start, "jobs": args.jobs,
+             "best": best_run(runs), "runs": runs, "versions": versions()}
     write_json(json_path, sweep)
     print(f"wrote {json_path}")
-    print(f"wrote {plot_sweep(sweep, args.figures_dir)}")
+    print(f"wrote {draw(json_path, args.figures_dir)}")
     for run in runs:
-        final = "diverged at epoch %d" % run["diverged_epoch"] if run["diverged"] else (
-            f"val {run['final_val_acc']:.4f}, test {run['final_test_acc']:.4f}")
+        final = f"val {run['final_val_acc']:.4f}, test {run['final_test_acc']:.4f}" if not run["diverged"] else (
+            f"diverged at epoch {run['diverged_epoch']}")
         print(f"  batch {run['batch_size']:>5}, lr {run['lr']:<7g}: {final}")
     best = sweep["best"]
-    if best:
-        print(f"best on validation: batch {best['batch_size']}, lr {best['lr']:g}, epoch {best['epoch']}: "
-              f"validation {best['val_acc']:.4f}, test {best['test_acc']:.4f}; {sweep['seconds']:.1f} s"
-              + ("  [RANDOM-INIT features]" if sweep["random_init_weights"] else ""))
-    else:
-        print(NO_BEST)
+    print(f"best on validation: batch {best['batch_size']}, lr {best['lr']:g}, epoch {best['epoch']}: validation "
+          f"{best['val_acc']:.4f}, test {best['test_acc']:.4f}; {sweep['seconds']:.1f} s" if best else NO_BEST)
 
 
 if __name__ == "__main__":

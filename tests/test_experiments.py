@@ -148,16 +148,18 @@ def test_sweep_logreg_bad_input_is_one_line_and_changes_no_file(name, sweep_resu
     assert_rejected(proc, before, [out, figs], fragment)
 
 
-@pytest.mark.parametrize("content, fragment", [(None, "make sweep-logreg` first"), ("{not json", "as JSON"),
-                                               ('{"kind": "sweep_logreg"}', "lacks"),
+@pytest.mark.parametrize("content, fragment", [(None, "make sweep-logreg` first"), ("{not json", "JSONDecodeError"),
+                                               ('{"kind": "sweep_logreg"}', "KeyError"),
                                                ('{"kind": "something else"}', "not a sweep_logreg")])
 def test_sweep_logreg_plot_only_rejects_a_bad_json(content, fragment, sweep_result, tmp_path):
+    """A damaged sweep_logreg.json is named, with the advice that repairs it."""
     if content is not None:
         (tmp_path / "sweep_logreg.json").write_text(content)
     figs = sweep_result["figs"]
     before = snapshot(tmp_path, figs)
     proc = sweep_run("--plot-only", "--out-dir", tmp_path, "--figures-dir", figs)
-    assert_rejected(proc, before, [tmp_path, figs], fragment)
+    advice = f"rm -f '{tmp_path / 'sweep_logreg.json'}' && make sweep-logreg" if content else ""
+    assert_rejected(proc, before, [tmp_path, figs], fragment, advice)
 
 
 def test_sweep_logreg_help_names_the_grid_flags():

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import scipy.io as sio
 
 import logreg
 from lab import roc
-from helpers import (HERE, LOGREG_RANDOM_INIT, assert_rejected, assignment_get_one_hot, fault_mats,
+from lab import cli as lab_cli
+from helpers import (HERE, LOGREG_RANDOM_INIT, assert_rejected, assert_user_error, assignment_get_one_hot, fault_mats,
                      interrupt_at, leftovers, logreg_blobs, logreg_run, logreg_write_mat, run_cli, snapshot,
                      sweep_run)
 
@@ -24,21 +26,14 @@ from helpers import (HERE, LOGREG_RANDOM_INIT, assert_rejected, assignment_get_o
 
 # --------------------------------------------------------------------- helpers
 
-
-
-
-
-
-
-
-
 @pytest.fixture
 def logreg_mats(tmp_path):
-    """A small train/test pair in the extractor's format, with random-init metadata."""
+    """A small train/test pair in the extractor's format, with random-init metadata of a resnet18."""
     X, y = logreg_blobs(600, 16, seed=1, spread=0.8)
     X_te, y_te = logreg_blobs(200, 16, seed=2, spread=0.8)
-    return (logreg_write_mat(tmp_path / "train.mat", X, y, **LOGREG_RANDOM_INIT),
-            logreg_write_mat(tmp_path / "test.mat", X_te, y_te, **LOGREG_RANDOM_INIT))
+    meta = {**LOGREG_RANDOM_INIT, "network": "resnet18"}
+    return (logreg_write_mat(tmp_path / "train.mat", X, y, **meta),
+            logreg_write_mat(tmp_path / "test.mat", X_te, y_te, **meta))
 
 
 def logreg_direct_loss(X, L, theta, l2=0.0):
@@ -84,14 +79,13 @@ def test_logreg_loss_and_gradient_match_a_direct_formula_and_finite_differences(
         numeric[idx] = (logreg_direct_loss(X, L, theta + step, l2)
                         - logreg_direct_loss(X, L, theta - step, l2)) / (2 * h)
     assert np.linalg.norm(grad - numeric) / np.linalg.norm(numeric) < 1e-7
-    if l2 == 0:   # apply_gradients: one descent step along that gradient, and the loss before it
-        new, step_loss = logreg.apply_gradients(X, L, theta, 0.5)
+    if l2 == 0:   # apply_gradients: one descent step along that gradient
+        new = logreg.apply_gradients(X, L, theta, 0.5)
         np.testing.assert_allclose(new, theta - 0.5 * numeric, rtol=0, atol=1e-8)
-        assert step_loss == pytest.approx(logreg_direct_loss(X, L, theta), rel=1e-12)
 
 
 def test_logreg_softmax_is_stable_for_huge_scores():
-    p = logreg.softmax(np.array([[1e4, 0.0, -1e4], [800.0, 800.0, 0.0]]))
+    p = np.exp(logreg.log_softmax(np.array([[1e4, 0.0, -1e4], [800.0, 800.0, 0.0]])))
     assert np.all(np.isfinite(p))
     np.testing.assert_allclose(p, [[1, 0, 0], [0.5, 0.5, 0]], atol=1e-12)
 
@@ -110,8 +104,8 @@ def test_logreg_one_hot_of_loadmat_row_vector(tmp_path):
 def test_logreg_separable_problem_is_learned_perfectly():
     X, y = logreg_blobs(1000, 20, seed=3, spread=10.0)
     X_te, y_te = logreg_blobs(300, 20, seed=4, spread=10.0)
-    probs = logreg.mlr(X, logreg.get_one_hot(y), X_te, logreg.get_one_hot(y_te),
-                       logreg.TrainConfig.for_mode("default", epochs=10))
+    probs = logreg.train(X, logreg.get_one_hot(y), X_te, logreg.get_one_hot(y_te),
+                         logreg.TrainConfig.for_mode("default", epochs=10))["test_probs"]
     assert np.mean(probs.argmax(axis=1) == y_te) == 1.0
 
 
@@ -121,7 +115,7 @@ def test_logreg_accuracy_close_to_sklearn():
 
     X, y = logreg_blobs(3000, 30, seed=5, spread=0.35)
     X_te, y_te = logreg_blobs(2000, 30, seed=6, spread=0.35)
-    probs = logreg.mlr(X, logreg.get_one_hot(y), X_te, logreg.get_one_hot(y_te))
+    probs = logreg.train(X, logreg.get_one_hot(y), X_te, logreg.get_one_hot(y_te), logreg.TrainConfig())["test_probs"]
     ours = np.mean(probs.argmax(axis=1) == y_te)
     scaler = StandardScaler().fit(X)
     ref = LogisticRegression(max_iter=1000).fit(scaler.transform(X), y).score(scaler.transform(X_te), y_te)
@@ -131,47 +125,109 @@ def test_logreg_accuracy_close_to_sklearn():
 
 def test_logreg_reference_last_short_batch_counts_in_loss_and_gradient():
     """n = 7 with batches of 3: batches 0-2, 3-5 and the short one, sample 6. The assignment's
-    X[i:i+BATCH_SIZE-1] would never train on some samples; here every one counts, in the step and
-    in the epoch's loss (each batch's mean weighted by its size)."""
+    X[i:i+BATCH_SIZE-1] would never train on some samples; here every one counts. The epoch's loss
+    is the one of the theta it ended with, over every training row."""
     X, y = logreg_blobs(7, 4, seed=7)
     L = logreg.get_one_hot(y)
     config = logreg.TrainConfig.for_mode("reference", epochs=1, batch_size=3, lr=0.05, seed=3)
     out = logreg.train(X, L, X, L, config)
     theta = 0.001 * np.random.default_rng(3).standard_normal((5, 10))   # the assignment's init
-    losses = []
     for rows in (slice(0, 3), slice(3, 6), slice(6, 7)):
-        theta, loss = logreg_direct_step(X[rows].astype(np.float64), L[rows], theta, 0.05)
-        losses.append(loss)
+        theta, _ = logreg_direct_step(X[rows].astype(np.float64), L[rows], theta, 0.05)
     np.testing.assert_allclose(out["theta"], theta, rtol=1e-10, atol=1e-14)
-    assert out["history"]["train_loss"] == [pytest.approx((3 * losses[0] + 3 * losses[1] + losses[2]) / 7, rel=1e-12)]
+    assert out["history"]["train_loss"] == [pytest.approx(logreg_direct_loss(X.astype(np.float64), L, theta), rel=1e-9)]
     without_last, _ = logreg_direct_step(X[6:7].astype(np.float64), L[6:7], theta, -0.05)   # undo step 3
     assert np.abs(out["theta"] - without_last).max() > 1e-6   # the short batch did move theta
 
 
 @pytest.mark.parametrize("mode", ["reference", "default"])
-def test_logreg_both_trainings_step_through_apply_gradients(mode, monkeypatch):
-    """23 training rows in batches of 5: 5 calls of apply_gradients per epoch, one per batch in
-    file order for the reference loop; and a step that does nothing leaves theta where it began."""
-    X, y = logreg_blobs(23, 4, seed=7)
-    L = logreg.get_one_hot(y)
-    config = logreg.TrainConfig.for_mode(mode, epochs=2, batch_size=5, lr=0.05, val_fraction=0.0)
-    calls = []
-    original = logreg.apply_gradients
+def test_logreg_both_trainings_step_through_apply_gradients_and_log_what_ran(mode, monkeypatch, logreg_mats, tmp_path):
+    """A logreg.py run on 600 rows in batches of 64, 3 epochs: the reference calls mlr once, and
+    apply_gradients once per batch (10 a epoch); the default training steps through it too. Each
+    epoch's loss is the loss of the theta it ended with. Then a step that does nothing: the reference
+    says so in one line, and the default training shows no falling loss."""
+    calls = {"mlr": 0, "apply_gradients": []}
+    mlr, step = logreg.mlr, logreg.apply_gradients
 
-    def counted(X_b, L_b, theta, lr, *rest):
-        calls.append(len(X_b))
-        return original(X_b, L_b, theta, lr, *rest)
+    def counted_mlr(*args, **kwargs):
+        calls["mlr"] += 1
+        return mlr(*args, **kwargs)
 
-    monkeypatch.setattr(logreg, "apply_gradients", counted)
-    out = logreg.train(X, L, X, L, config)
-    assert calls == [5, 5, 5, 5, 3] * 2 and out["epochs_run"] == 2
-    def frozen_step(X_b, L_b, theta, *rest):
-        return theta, original(X_b, L_b, theta, *rest)[1]
+    def counted_step(X_b, *rest):
+        calls["apply_gradients"].append(len(X_b))
+        return step(X_b, *rest)
 
-    monkeypatch.setattr(logreg, "apply_gradients", frozen_step)
-    frozen = logreg.train(X, L, X, L, config)["theta"]
-    initial = (0.001 * np.random.default_rng(0).standard_normal((5, 10)) if mode == "reference" else np.zeros((5, 10)))
-    np.testing.assert_array_equal(frozen, initial)
+    monkeypatch.setattr(logreg, "mlr", counted_mlr)
+    monkeypatch.setattr(logreg, "apply_gradients", counted_step)
+    train, test = logreg_mats
+    flags = ["--reference"] if mode == "reference" else ["--val-fraction", "0"]
+    args = ["--train-mat", str(train), "--test-mat", str(test), "--figures-dir", str(tmp_path / "f"), "--no-progress",
+            "--epochs", "3", "--batch-size", "64", *flags]
+    logreg.main([*args, "--out-dir", str(tmp_path / "o")])
+    sizes = calls["apply_gradients"]   # the default training visits its batches in a new order each epoch
+    assert calls["mlr"] == (mode == "reference") and sorted(sizes) == sorted(([64] * 9 + [24]) * 3)
+    assert mode == "default" or sizes == ([64] * 9 + [24]) * 3
+    with np.load(tmp_path / "o" / "logreg.npz") as z:
+        theta, mean, scale, train_loss = z["theta"], z["mean"], z["scale"], z["train_loss"]
+    X, y, _ = logreg.load_features(str(train))
+    Xs = X.astype(np.float64) if mode == "reference" else logreg.standardize(X, mean, scale)
+    l2 = 0.0 if mode == "reference" else logreg.TrainConfig().l2
+    assert train_loss[-1] == pytest.approx(logreg_direct_loss(Xs, logreg.get_one_hot(y), theta, l2), rel=1e-5)
+    monkeypatch.setattr(logreg, "apply_gradients", lambda X_b, L_b, theta, *rest: theta)
+    if mode == "reference":
+        with pytest.raises(lab_cli.UserError, match="^theta did not change in epoch 1: nothing trains"):
+            logreg.main([*args, "--out-dir", str(tmp_path / "frozen")])
+        return
+    logreg.main([*args, "--out-dir", str(tmp_path / "frozen")])
+    with np.load(tmp_path / "frozen" / "logreg.npz") as z:
+        assert len(set(z["train_loss"])) == 1 and not z["theta"].any()
+
+
+LOGREG_EDITS = {   # name: (text of logreg.py, its replacement)
+    "mlr_one_epoch": ("for epoch in range(1, epochs + 1):\n        theta_old = theta",
+                      "for epoch in range(1, 2):\n        theta_old = theta"),
+    "constants": ("BATCH_SIZE = 64\nLR = 0.001\n", "BATCH_SIZE = 50\nLR = 0.003\n"),
+    "frozen_step": ("    return theta + step\n", "    return theta\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def logreg_edited_runs(tmp_path_factory):
+    """`logreg.py --reference` as it is and after each edit of LOGREG_EDITS, run from a copy of the
+    checkout: {name: (process, logreg.npz arrays or None)}."""
+    root = tmp_path_factory.mktemp("edits")
+    X, y = logreg_blobs(300, 8, seed=14, spread=0.8)
+    mat = logreg_write_mat(root / "train.mat", X, y, **LOGREG_RANDOM_INIT)
+    runs = {}
+    for name, (old, new) in {"as_is": ("", ""), **LOGREG_EDITS}.items():
+        copy = root / name
+        shutil.copytree(os.path.join(HERE, "lab"), copy / "lab")
+        source = open(os.path.join(HERE, "logreg.py")).read()
+        assert source.count(old) == 1 or name == "as_is"
+        (copy / "logreg.py").write_text(source.replace(old, new))
+        proc = subprocess.run([sys.executable, str(copy / "logreg.py"), "--reference", "--epochs", "4", "--no-progress",
+                               "--train-mat", str(mat), "--test-mat", str(mat), "--out-dir", str(copy / "out"),
+                               "--figures-dir", str(copy / "figs")], capture_output=True, text=True, cwd=copy,
+                              timeout=120)
+        npz = copy / "out" / "logreg.npz"
+        runs[name] = (proc, dict(np.load(npz)) if npz.exists() else None)
+    return runs
+
+
+def test_logreg_an_edit_of_mlr_or_of_the_constants_is_what_reference_runs(logreg_edited_runs):
+    (as_is, base), (_, one_epoch), (_, constants) = (logreg_edited_runs[k] for k in ("as_is", "mlr_one_epoch", "constants"))
+    assert as_is.returncode == 0, as_is.stderr
+    assert len(base["test_acc"]) == 4 and len(one_epoch["test_acc"]) == 1
+    np.testing.assert_array_equal(one_epoch["theta"].shape, base["theta"].shape)
+    recorded = [json.loads(str(z["config_json"])) for z in (base, constants)]
+    assert [(c["batch_size"], c["lr"]) for c in recorded] == [(64, 0.001), (50, 0.003)]
+    assert not np.array_equal(base["theta"], constants["theta"])
+
+
+def test_logreg_a_step_that_changes_nothing_is_said_in_one_line(logreg_edited_runs):
+    proc, npz = logreg_edited_runs["frozen_step"]
+    assert npz is None
+    assert_user_error(proc, "theta did not change in epoch 1: nothing trains")
 
 
 def test_logreg_reference_stops_when_theta_moves_less_than_1e_10():
@@ -213,24 +269,25 @@ def test_logreg_standardization_guards_constant_columns():
     X, _ = logreg_blobs(200, 5, seed=9)
     X[:, 0] = 7.25                       # exactly constant
     X[:, 1] = np.float32(1e4) + np.float32(1e-3) * (np.arange(200) % 2)   # round-off scale only
-    Xs, mean, scale = logreg.fit_standardize(X)
+    mean, scale = logreg.statistics(X)
+    Xs = logreg.standardize(X, mean, scale)
     np.testing.assert_allclose(mean[2:], X[:, 2:].astype(np.float64).mean(axis=0), rtol=1e-10)
     np.testing.assert_allclose(scale[2:], X[:, 2:].astype(np.float64).std(axis=0), rtol=1e-5)
     assert scale[0] == 1.0 and scale[1] == 1.0
     assert np.all(np.isfinite(Xs)) and Xs.dtype == np.float32
     np.testing.assert_allclose(Xs[:, 2:].std(axis=0), 1.0, rtol=1e-4)
-    np.testing.assert_array_equal(logreg.standardize(X, mean, scale), Xs)
+    in_place = X.copy()
+    logreg.standardize(in_place, mean, scale, out=in_place)
+    np.testing.assert_array_equal(in_place, Xs)
 
 
-def test_logreg_train_config_checks_what_it_is_given():
+def test_logreg_reference_config_reads_the_assignment_constants(monkeypatch):
+    monkeypatch.setattr(logreg, "BATCH_SIZE", 32)
     config = logreg.TrainConfig.for_mode("reference", lr=0.01)
-    assert (config.lr, config.batch_size, config.val_fraction, config.patience) == (0.01, 64, 0.0, None)
+    assert (config.lr, config.batch_size, config.epochs, config.val_fraction) == (0.01, 32, logreg.EPOCHS, 0.0)
     from dataclasses import asdict
 
     assert logreg.TrainConfig(**asdict(config)) == config   # what logreg.npz stores
-    for bad in (dict(epochs=0), dict(lr=-1.0), dict(val_fraction=1.0), dict(patience=3), dict(mode="fast")):
-        with pytest.raises(ValueError):
-            logreg.TrainConfig(**{**asdict(config), **bad})
 
 
 # --------------------------------------------------------------------- the assignment's own code
@@ -259,8 +316,7 @@ def assignment_apply_gradients(X, L, theta, lr):
     """The assignment's signature (theta without a bias row, returns the new theta) served by
     logreg.apply_gradients: a zero bias row, dropped again, is exactly a model without bias."""
     with_bias = np.vstack([theta, np.zeros((1, theta.shape[1]))])
-    new, _ = logreg.apply_gradients(X, L, with_bias, lr)
-    return new[:-1]
+    return logreg.apply_gradients(X, L, with_bias, lr)[:-1]
 
 
 @pytest.mark.skipif(not os.environ.get("MNIST_ROOT"), reason="set MNIST_ROOT to the real MNIST root")
@@ -342,7 +398,9 @@ def test_logreg_is_random_init_reads_the_weights_kind():
     """A .pth run (pretrained 0, not known to be ImageNet) is not called random-init, nor pretrained."""
     file_meta = {"weights": "file:/x/r50.pth sha256:ab", "weights_kind": "file", "pretrained": 0}
     assert not logreg.is_random_init(file_meta)
-    assert "file:/x/r50.pth" in logreg.title_suffix({"train": file_meta})
+    assert logreg.describe(file_meta) == "ResNet-50 weights: file:/x/r50.pth sha256:ab"
+    random18 = {"weights": "random-init (WEIGHTS=none)", "weights_kind": "random-init", "network": "resnet18"}
+    assert logreg.describe(random18) == "features from RANDOM-INIT resnet18 weights (not pretrained)"
     assert logreg.is_random_init({"weights": "random-init (WEIGHTS=none)", "weights_kind": "random-init"})
     assert logreg.is_random_init({"weights": "random-init (WEIGHTS=none)", "pretrained": 0})
     assert not logreg.is_random_init({"weights": "IMAGENET1K_V1", "weights_kind": "imagenet", "pretrained": 1})
@@ -359,7 +417,7 @@ def test_logreg_absent_class_has_no_auc_and_the_macro_skips_it():
     expected = roc_auc_score(logreg.get_one_hot(y[keep])[:, others], probs[keep][:, others], average="macro")
     assert result["macro_auc"] == pytest.approx(expected, abs=1e-12)
     assert np.all(np.isfinite(result["macro"][1]))
-    fig = logreg.plot_roc(logreg.pyplot(), y[keep], probs[keep], "")
+    fig = roc.plot_roc(logreg.pyplot(), y[keep], probs[keep], "")
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "class 3: AUC undefined (no test sample is class 3)" in legend
     assert any(text.startswith("macro avg of 9 classes") for text in legend)
@@ -380,7 +438,7 @@ def test_logreg_cli_writes_outputs_and_plot_only_redraws_the_same_pixels(logreg_
     r = logreg_run("--train-mat", str(train), "--test-mat", str(test), "--out-dir", str(out),
                    "--figures-dir", str(figs), "--epochs", "5")
     assert r.returncode == 0, r.stderr
-    assert "RANDOM-INIT" in r.stdout
+    assert "WARNING: features from RANDOM-INIT resnet18 weights" in r.stdout and "resnet18 features" in r.stdout
     with np.load(out / "logreg.npz", allow_pickle=False) as z:
         probs, labels = z["test_probs"], z["test_labels"]
         assert len(z["test_acc"]) == len(z["train_loss"]) == len(z["val_acc"]) <= 5
@@ -463,7 +521,7 @@ def test_logreg_metadata_is_optional(tmp_path):
     X, y = logreg_blobs(200, 8, seed=10)
     logreg_write_mat(tmp_path / "a.mat", X, y)
     _, _, _, _, prov = logreg.load_pair(str(tmp_path / "a.mat"), str(tmp_path / "a.mat"))
-    assert prov["train"] == {"weights": "unknown"}
+    assert prov["train"] == {"weights": "unknown", "feature_dim": 8}
     assert not logreg.is_random_init(prov["train"])
 
 
@@ -503,7 +561,6 @@ LOGREG_BAD_CLI = {   # name: (extra args, fragment of the one-line error)
     "epochs_zero": (["--epochs", "0"], "--epochs"),
     "negative_lr": (["--lr", "-1"], "--lr"),
     "val_fraction_one": (["--val-fraction", "1"], "--val-fraction"),
-    "patience_with_reference": (["--reference", "--patience", "3"], "--patience applies to the default"),
     "no_training_rows": (["--val-fraction", "0.995"], "leaves no training rows"),
     "reference_no_training_rows": (["--reference", "--val-fraction", "0.995"], "leaves no training rows"),
     "loss_blows_up": (["--lr", "1e300", "--epochs", "3", "--train-mat", "{big}", "--test-mat", "{big}"],
@@ -511,17 +568,21 @@ LOGREG_BAD_CLI = {   # name: (extra args, fragment of the one-line error)
     "loss_blows_up_reference": (["--reference", "--lr", "1e300", "--epochs", "3", "--train-mat", "{big}",
                                  "--test-mat", "{big}"], "lower --lr"),
 }
-LOGREG_BAD_MATS = {   # name: (train .mat record or path marker, fragment)
-    "missing": ("missing", "not found"),
-    "not_a_mat": ("garbage", "cannot read"),
-    "no_labels": ({"features": "X"}, "lacks the key(s) labels"),
-    "not_2d": ({"features": "X3", "labels": "y"}, "2-D"),
-    "label_count": ({"features": "X", "labels": "y99"}, "labels for"),
-    "label_range": ({"features": "X", "labels": "y10"}, "0-9"),
+LOGREG_BAD_MATS = {   # name: (test .mat record or path marker, fragment); the train .mat is good
+    "missing": ("missing", "not found; run `make features` first"),
+    "not_a_mat": ("garbage", "make features"),
+    "no_labels": ({"features": "X"}, "KeyError: 'labels'"),
+    "not_2d": ({"features": "X3", "labels": "y"}, "(100, 2, 4)"),
+    "label_count": ({"features": "X", "labels": "y99"}, "and 99 labels"),
+    "label_range": ({"features": "X", "labels": "y10"}, "labels 0-9"),
     "non_finite": ({"features": "Xnan", "labels": "y"}, "NaN"),
-    "no_samples": ({"features": "X0", "labels": "y0"}, "no samples"),
-    "dims_differ": ({"features": "X5", "labels": "y"}, "dimensions"),
-    "weights_differ": ({"features": "X", "labels": "y", "weights": "file:/other.pth"}, "weights"),
+    "no_samples": ({"features": "X0", "labels": "y0"}, "m >= 1"),
+    "dims_differ": ({"features": "X5", "labels": "y"}, "differ in feature_dim: 8 in"),
+    # features made with other settings: each key of the provenance, named with both values
+    "weights_differ": ({"features": "X", "labels": "y", **LOGREG_RANDOM_INIT, "weights": "file:/o.pth"}, "weights"),
+    "image_size_differs": ({"features": "X", "labels": "y", **LOGREG_RANDOM_INIT, "image_size": 224},
+                           "differ in image_size: None in"),
+    "seed_differs": ({"features": "X", "labels": "y", **LOGREG_RANDOM_INIT, "seed": 3}, "differ in seed"),
 }
 
 
@@ -554,8 +615,7 @@ def test_logreg_bad_input_is_one_line_and_changes_no_file(name, logreg_older_out
     else:
         record, fragment = LOGREG_BAD_MATS[name]
         bad = logreg_bad_mat(root, X, y, name, record)
-        args = ["--train-mat", good if name == "dims_differ" or name == "weights_differ" else bad,
-                "--test-mat", bad if name in ("dims_differ", "weights_differ") else good]
+        args = ["--train-mat", good, "--test-mat", bad]
     before = snapshot(out, figs)
     proc = logreg_run(*args, "--out-dir", out, "--figures-dir", figs)
     assert_rejected(proc, before, [out, figs], fragment)
@@ -569,12 +629,10 @@ def test_logreg_plot_only_rejects_a_bad_npz_and_changes_no_file(damage, logreg_o
     (out / "logreg_metrics.json").write_bytes((root / "out" / "logreg_metrics.json").read_bytes())
     if damage != "absent":
         logreg_damaged_npz(out / "logreg.npz", root / "out" / "logreg.npz")[damage]()
-    expected = {"truncated": "damaged or not logreg's", "not_an_npz": "not an .npz archive",
-                "foreign": "lacks", "corrupt_config": "config_json is corrupt",
-                "wrong_shape": "test_probs has shape", "absent": "run `make logreg` first"}[damage]
+    advice = "run `make logreg` first" if damage == "absent" else f"rm -f '{out / 'logreg.npz'}' && make logreg"
     before = snapshot(out, figs)
     proc = logreg_run("--plot-only", "--out-dir", out, "--figures-dir", figs)
-    assert_rejected(proc, before, [out, figs], expected, "make logreg")
+    assert_rejected(proc, before, [out, figs], advice)
 
 
 def test_logreg_out_dir_that_is_a_file_is_rejected(logreg_older_outputs, tmp_path):
@@ -621,24 +679,23 @@ def test_faults_standardization_of_float32_extremes_is_finite_and_exact():
     X[:, 1] = np.float32(1e30) * X[:, 1]                          # squares overflow float32
     X[:, 2] = np.float32(1e-30) * X[:, 2]                         # squares underflow float32
     X[:, 3] = np.float32(1e30)                                    # constant
-    for copy in (True, False):
-        Xs, mean, scale = logreg.fit_standardize(X.copy(), copy=copy)
-        X64 = X.astype(np.float64)
-        assert np.all(np.isfinite(Xs)) and np.all(np.isfinite(mean)) and np.all(np.isfinite(scale))
-        np.testing.assert_allclose(mean, X64.mean(axis=0), rtol=1e-6)
-        np.testing.assert_allclose(scale[[0, 1, 2, 4]], X64.std(axis=0)[[0, 1, 2, 4]], rtol=1e-5)
-        varied = X64[:, [0, 1, 2, 4]]
-        expected = (varied - varied.mean(axis=0)) / varied.std(axis=0)
-        np.testing.assert_allclose(Xs[:, [0, 1, 2, 4]], expected, rtol=1e-4, atol=1e-5)
-        assert np.all(Xs[:, 3] == 0)
-        np.testing.assert_array_equal(logreg.standardize(X, mean, scale), Xs)
+    mean, scale = logreg.statistics(X)
+    Xs = logreg.standardize(X, mean, scale)
+    X64 = X.astype(np.float64)
+    assert np.all(np.isfinite(Xs)) and np.all(np.isfinite(mean)) and np.all(np.isfinite(scale))
+    np.testing.assert_allclose(mean, X64.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(scale[[0, 1, 2, 4]], X64.std(axis=0)[[0, 1, 2, 4]], rtol=1e-5)
+    varied = X64[:, [0, 1, 2, 4]]
+    expected = (varied - varied.mean(axis=0)) / varied.std(axis=0)
+    np.testing.assert_allclose(Xs[:, [0, 1, 2, 4]], expected, rtol=1e-4, atol=1e-5)
+    assert np.all(Xs[:, 3] == 0)
+    logreg.standardize(X, mean, scale, out=X)   # in place: the same numbers
+    np.testing.assert_array_equal(X, Xs)
 
 
 @pytest.mark.parametrize("args, advice", [
     (["--reference", "--lr", "1e9"], "lower --lr"),
     (["--lr", "1e9"], "lower --lr"),
-    (["--l2", "1e9"], "lower --l2"),
-    (["--l2", "1e9", "--lr", "0.5"], "lower --lr or --l2"),
 ])
 def test_faults_a_loss_beyond_the_bound_is_divergence_with_true_advice(args, advice, tmp_path):
     X, y = logreg_blobs(200, 16, seed=3)
