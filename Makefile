@@ -83,7 +83,7 @@ $(ZDIM_FIGS) &: $(OUT)/sweep_vae.json lab/vae_figures.py
 endif
 
 # Figures have rules of their own: they redraw, from the saved results, what a run did not.
-$(LOGREG_FIGS) &: $(OUT)/logreg.npz lab/plots.py
+$(LOGREG_FIGS) &: $(OUT)/logreg.npz lab/logreg_figures.py
 	$(PYTHON) logreg.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES)
 $(VAE_FIGS) &: $(OUT)/vae.pt lab/vae_figures.py
 	$(PYTHON) vae.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES) --data-root $(DATA)

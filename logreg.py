@@ -19,12 +19,13 @@ if __name__ == "__main__":   # before numpy loads: the BLAS thread count is read
 
 import numpy as np  # noqa: E402
 
-from lab.cli import ArgumentParser, UserError, add_common_args, positive_float, positive_int, run_main  # noqa: E402
-from lab.files import (atomic_path, check_can_create, ensure_writable_dir, plan_outputs, reading,  # noqa: E402
-                       write_json)
+from lab.cli import ArgumentParser, UserError, add_common_args, fraction, positive_float, positive_int, run_main  # noqa
+from lab.features import describe, is_random_init, load_pair  # noqa: E402
+from lab.files import atomic_path, check_can_create, ensure_writable_dir, plan_outputs, reading, write_json  # noqa: E402
 from lab.machine import versions  # noqa: E402
 from lab.plots import pyplot, save_figure  # noqa: E402
-from lab.roc import multiclass_roc, plot_confusion, plot_history, plot_roc  # noqa: E402
+from lab.logreg_figures import plot_confusion, plot_history, plot_roc  # noqa: E402
+from lab.roc import multiclass_roc  # noqa: E402
 
 # The assignment's settings: what `logreg.py --reference` trains with.
 BATCH_SIZE = 64
@@ -253,56 +254,7 @@ def train_default(X, L, n, X_te, y_te, config, rng, log):
     return best_theta.astype(np.float64), best_epoch
 
 
-# --------------------------------------------------------------------- inputs and outputs
-
-# The metadata that defines the features: train and test must agree on each.
-PROVENANCE_KEYS = ("feature_dim", "weights", "weights_kind", "network", "preprocessing", "image_size", "dtype", "seed")
-
-
-def load_features(path):
-    """Features (float32, m x d, rows contiguous), labels (m) and metadata of one .mat."""
-    import scipy.io as sio
-
-    with reading(path, "features"):
-        mat = sio.loadmat(path)
-        X, y = mat["features"], mat["labels"].reshape(-1)
-    if X.ndim != 2 or not len(X) or X.dtype.kind not in "fiu" or y.size != len(X) or not np.isin(y, range(10)).all():
-        raise UserError(f"{path!r}: features must be real numbers, m x d with m >= 1, and labels 0-9, one per row; "
-                        f"it holds {X.dtype} features {X.shape} and {y.size} labels")
-    with np.errstate(over="ignore", invalid="ignore"):   # beyond float32's range becomes infinite here
-        X = np.ascontiguousarray(X, dtype=np.float32)
-        if not np.isfinite(X.sum(axis=0, dtype=np.float64)).all():   # one pass, no m x d mask
-            raise UserError(f"{path!r}: features contain NaN or infinite values, or values beyond "
-                            f"float32's range ({np.finfo(np.float32).max:.3g})")
-    meta = {k: np.squeeze(v).tolist() for k, v in mat.items() if k not in ("features", "labels") and k[0] != "_"}
-    return X, y.astype(np.int64), {"weights": "unknown", **meta, "feature_dim": X.shape[1]}
-
-
-def load_pair(train_path, test_path):
-    """Train and test features, which must come from the same extraction settings."""
-    (X_tr, y_tr, meta_tr), (X_te, y_te, meta_te) = load_features(train_path), load_features(test_path)
-    for key in PROVENANCE_KEYS:
-        if meta_tr.get(key) != meta_te.get(key):
-            raise UserError(f"train and test features differ in {key}: {meta_tr.get(key)!r} in {train_path!r}, "
-                            f"{meta_te.get(key)!r} in {test_path!r}; extract both with the same settings, "
-                            f"e.g. rm -f {train_path!r} {test_path!r} && make features")
-    return X_tr, y_tr, X_te, y_te, {"train": meta_tr, "test": meta_te}
-
-
-def is_random_init(meta):
-    """Features from random-init weights (a .pth file, weights_kind "file", is not, nor known pretrained)."""
-    if "weights_kind" in meta:
-        return meta["weights_kind"] == "random-init"
-    return str(meta.get("weights", "")).lower().startswith(("random", "none"))
-
-
-def describe(meta):
-    """The features as titles and log lines name them: their network and weights, RANDOM-INIT said loudly."""
-    network = meta.get("network", "ResNet-50")
-    if is_random_init(meta):
-        return f"features from RANDOM-INIT {network} weights (not pretrained)"
-    return f"{network} weights: {meta['weights']}"
-
+# --------------------------------------------------------------------- outputs
 
 def save_npz(path, result, y_te, provenance):
     hist = result["history"]
@@ -315,8 +267,7 @@ def save_npz(path, result, y_te, provenance):
         np.savez(f, **arrays)
 
 
-def finite_or_none(value):
-    """A number for JSON, which has no NaN: None (null) instead."""
+def finite_or_none(value):   # JSON has no NaN: null instead
     return float(value) if math.isfinite(value) else None
 
 
@@ -358,8 +309,7 @@ def draw(npz_path, figures_dir):
 
 # --------------------------------------------------------------------- command line
 
-def add_io_args(parser, writes):
-    """The input and output flags, shared with sweep_logreg.py; ``writes`` names what OUT gets."""
+def add_io_args(parser, writes):   # shared with sweep_logreg.py
     parser.add_argument("--train-mat", default="artifacts/mnist_train.mat", help="training features (.mat)")
     parser.add_argument("--test-mat", default="artifacts/mnist_test.mat", help="test features (.mat)")
     parser.add_argument("--out-dir", default="artifacts", help=f"where {writes} go (OUT)")
@@ -375,16 +325,13 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=positive_int, help="maximum epochs")
     p.add_argument("--batch-size", type=positive_int, help="mini-batch size")
     p.add_argument("--lr", type=positive_float, help="learning rate (the default training's peak)")
-    p.add_argument("--val-fraction", type=float, help="share of the training set held out for validation: "
+    p.add_argument("--val-fraction", type=fraction, help="share of the training set held out for validation: "
                    "early stopping in the default training, only reported with --reference")
     add_common_args(p, "seed", seed={"help": "seed of the split, shuffling and initialization"})
     p.add_argument("--reference", action="store_true", help="the assignment's procedure: mlr on the raw "
                    "features, stopping when an epoch moves theta by less than TOL")
     p.add_argument("--plot-only", action="store_true", help="only redraw the figures from OUT/logreg.npz")
-    args = p.parse_args(argv)
-    if args.val_fraction is not None and not 0 <= args.val_fraction < 1:
-        p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None):

@@ -153,4 +153,5 @@ def _argument(convert, ok, what):
 
 positive_int = _argument(int, lambda v: v >= 1, "a positive integer")
 positive_float = _argument(float, lambda v: 0 < v < float("inf"), "a positive number")
+fraction = _argument(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 seed_value = _argument(int, lambda v: 0 <= v < 2 ** 63, "an integer in [0, 2**63)")   # what torch.manual_seed takes

@@ -12,7 +12,7 @@ import pytest
 import scipy.io as sio
 
 import logreg
-from lab import roc
+from lab import logreg_figures, roc
 from lab import cli as lab_cli
 from helpers import (HERE, LOGREG_RANDOM_INIT, assert_rejected, assert_user_error, assignment_get_one_hot, fault_mats,
                      interrupt_at, leftovers, logreg_blobs, logreg_run, logreg_write_mat, run_cli, snapshot,
@@ -417,7 +417,7 @@ def test_logreg_absent_class_has_no_auc_and_the_macro_skips_it():
     expected = roc_auc_score(logreg.get_one_hot(y[keep])[:, others], probs[keep][:, others], average="macro")
     assert result["macro_auc"] == pytest.approx(expected, abs=1e-12)
     assert np.all(np.isfinite(result["macro"][1]))
-    fig = roc.plot_roc(logreg.pyplot(), y[keep], probs[keep], "")
+    fig = logreg_figures.plot_roc(logreg.pyplot(), y[keep], probs[keep], "")
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "class 3: AUC undefined (no test sample is class 3)" in legend
     assert any(text.startswith("macro avg of 9 classes") for text in legend)
