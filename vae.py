@@ -5,11 +5,9 @@ backward(), Adam. Around the step, each split is preloaded once as one float ten
 batches are slices of a per-epoch shuffled copy. Every default lives in VAEConfig.
 
     python vae.py --data-root data --out-dir artifacts --figures-dir figures
-    python vae.py --plot-only --out-dir artifacts --figures-dir figures
     python vae.py --plot-only --checkpoint model.pt     # a bare state_dict from the notebook
     python vae.py --limit 2000 --epochs 2               # a quick smoke run
 """
-import contextlib
 import dataclasses
 import math
 import os
@@ -66,7 +64,6 @@ class VAE(nn.Module):
 
     @staticmethod
     def reparameterize(mu, logvar):
-        """z = mu + std * eps with std = exp(0.5 logvar), eps ~ N(0, I)."""
         std = torch.exp(0.5 * logvar)
         eps = torch.randn_like(std)
         return mu + eps * std
@@ -83,17 +80,15 @@ def loss_function(recon_x, x, mu, logvar):
 
 
 def train_vae(model, train_x, test_x=None, config=None, *, progress=True, log=print, **overrides):
-    """Train ``model`` in place as ``config`` (VAEConfig() by default) and keyword ``overrides`` say,
-    and return its history: per epoch the mean train loss, with ``test_x`` the test loss and its terms
-    (see evaluate). The shuffles are seeded with ``seed``, the eps with ``seed + 1``. An epoch whose mean
-    loss is not finite or above DIVERGED has diverged: a UserError."""
+    """Train ``model`` in place as ``config`` (VAEConfig() by default) and ``overrides`` say; return its
+    history per epoch. An epoch whose mean loss is not finite or above DIVERGED has diverged."""
     config = dataclasses.replace(config or VAEConfig(), **overrides)
     device = next(model.parameters()).device
     optimizer = adam(model.parameters(), config.lr)
     shuffler = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed + 1)
+    torch.manual_seed(config.seed + 1)   # the eps
     train_x = train_x.to(device)
-    history = {key: [] for key in (*HISTORY_KEYS, "seconds", "threads")}
+    history = {key: [] for key in (*HISTORY_KEYS, "seconds")}
     model.train()
     for epoch in range(1, config.epochs + 1):
         start = time.perf_counter()
@@ -114,17 +109,16 @@ def train_vae(model, train_x, test_x=None, config=None, *, progress=True, log=pr
             raise
         history["train_loss"].append(total.item() / len(train_x))
         history["seconds"].append(time.perf_counter() - start)
-        history["threads"].append(torch.get_num_threads())
         if test_x is not None:
-            for key, value in zip(("test_loss", "test_recon", "test_kl"), evaluate(model, test_x, seed=config.seed)):
+            for key, value in zip(HISTORY_KEYS[1:], evaluate(model, test_x, seed=config.seed)):
                 history[key].append(value)
-        losses = [history[key][-1] for key in HISTORY_KEYS if history[key]]
-        if not all(map(math.isfinite, losses)) or losses[0] > DIVERGED:
-            raise UserError(f"training diverged at epoch {epoch}: mean loss {losses[0]:.4g} per image, above "
-                            f"{DIVERGED:.0f}; lower --lr")
+        last = {key: history[key][-1] for key in HISTORY_KEYS if history[key]}
+        if not all(map(math.isfinite, last.values())) or last["train_loss"] > DIVERGED:
+            raise UserError(f"training diverged at epoch {epoch}: mean loss {last['train_loss']:.4g} per image, "
+                            f"above {DIVERGED:.0f}; lower --lr")
         if log is not None:
-            log(f"epoch {epoch:2d}/{config.epochs}  " + "  ".join(f"{key} {history[key][-1]:.3f}" for key in
-                HISTORY_KEYS if history[key]) + f"  {history['seconds'][-1]:.2f} s, {torch.get_num_threads()} threads")
+            log(f"epoch {epoch:2d}/{config.epochs}  " + "  ".join(f"{key} {value:.3f}" for key, value in last.items())
+                + f"  {history['seconds'][-1]:.2f} s, {torch.get_num_threads()} threads")
     return history
 
 
@@ -151,42 +145,37 @@ class VAEConfig:
     threads: Optional[int] = None
 
 
-DEFAULTS = VAEConfig()
 HISTORY_KEYS = ("train_loss", "test_loss", "test_recon", "test_kl")
 DIVERGED = 1.1 * IMAGE_PIXELS * math.log(2)  # 784 ln 2: 0.5 for each pixel, where training starts; 10%: batch spread
 FIGURE_NAMES = ("vae_loss.png", "vae_reconstructions.png", "vae_samples.png", "vae_latent.png", "vae_interpolation.png")
 
 
 def bce(recon_x, x):
-    """The reconstruction term: binary cross-entropy summed over pixels and images."""
     return F.binary_cross_entropy(recon_x.reshape(-1, IMAGE_PIXELS), x.reshape(-1, IMAGE_PIXELS), reduction="sum")
 
 
 def kl_divergence(mu, logvar):
-    """KL(N(mu, exp(logvar)) || N(0, I)) in closed form, summed over the batch."""
+    """KL(N(mu, exp(logvar)) || N(0, I)), summed over the batch."""
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
 
 
 def explain_failure(model, x, epoch):
-    """After a failed step, ``x`` through ``model`` again with hooks on its Linear layers: a layer fed
-    another width than it takes (fc1 edited, not the layer after it) is a UserError naming both,
-    and NaN outputs a UserError saying that training diverged."""
+    """After a failed step, ``x`` through ``model`` again: a Linear layer fed another width than it takes
+    (fc1 edited, not the layer after it) is a UserError naming both, NaN outputs one saying it diverged."""
     names = {layer: name for name, layer in model.named_modules() if isinstance(layer, nn.Linear)}
-    ran = []     # (layer, width of its output), in the order the layers ran
+    ran = []     # the layers that ran, in that order
 
     def check(layer, inputs):
         got = inputs[0].shape[-1]
         if got != layer.in_features:
-            source = next((name for name, width in reversed(ran) if width == got), "the input")
+            source = next((names[other] for other in reversed(ran) if other.out_features == got), "the input")
             raise UserError(f"{names[layer]} takes {layer.in_features} inputs but {source} gives {got}")
+        ran.append(layer)
 
     hooks = [layer.register_forward_pre_hook(check) for layer in names]
-    hooks += [layer.register_forward_hook(lambda m, _, out: ran.append((names[m], out.shape[-1]))) for layer in names]
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[] if x.device.type != "cuda" else None):
+        with torch.no_grad():
             recon_x, _, _ = model(x)
-    except RuntimeError:
-        return    # not a width: the caller raises the first error
     finally:
         for hook in hooks:
             hook.remove()
@@ -196,9 +185,8 @@ def explain_failure(model, x, epoch):
 
 @torch.no_grad()
 def evaluate(model, images, *, batch_size=1000, seed=0):
-    """(loss, reconstruction term, KL term) per image: what loss_function returns, then the BCE and
-    the KL, each on its own (a weight on the KL in loss_function changes the first only). The eps
-    come from a generator seeded with ``seed``, forked: no training draw shifts."""
+    """(loss_function, its BCE, its KL) per image: a weight on the KL changes the first only. The eps
+    come from ``seed`` in a forked generator: no training draw shifts."""
     device = next(model.parameters()).device
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     model.eval()
@@ -219,17 +207,16 @@ def preload(dataset, limit=None):
 
 
 def adam(parameters, lr):
-    """torch.optim.Adam, with its fused kernel where this build has one for the parameters' device."""
-    parameters = list(parameters)
-    try:
-        return torch.optim.Adam(parameters, lr=lr, fused=True)
-    except RuntimeError:
-        return torch.optim.Adam(parameters, lr=lr)
+    """torch.optim.Adam with its fused kernel: one kernel per step for every parameter."""
+    return torch.optim.Adam(parameters, lr=lr, fused=True)
 
 
-def train_model(config, train_x, test_x, *, log=print, progress=True):
-    """(model, history, run): VAE(config.z_dim), seeded, trained by train_vae. sweep_vae.py runs it per z_dim."""
+def train_model(config, *, log=print, progress=True):
+    """(model, history, run, test split): VAE(config.z_dim) trained by train_vae as ``config`` says; sweep_vae too."""
     device = resolve_device(config.device)
+    train_x, _ = preload(load_mnist(config.data_root, train=True), config.limit)
+    test_x, test_y = preload(load_mnist(config.data_root, train=False), config.limit)
+    log(f"{config} on {device}: {len(train_x)} train / {len(test_x)} test images")
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)  # the init
@@ -237,8 +224,8 @@ def train_model(config, train_x, test_x, *, log=print, progress=True):
     start = time.perf_counter()
     history = train_vae(model, train_x, test_x.to(device), config, log=log, progress=progress)
     run = {"n_train": len(train_x), "n_test": len(test_x), "device": str(device), "threads": torch.get_num_threads(),
-           "epoch_threads": history["threads"], "seconds": time.perf_counter() - start}
-    return model, history, run
+           "seconds": time.perf_counter() - start}
+    return model, history, run, (test_x, test_y)
 
 
 def save_checkpoint(path, state, *, config, history, run):
@@ -247,19 +234,16 @@ def save_checkpoint(path, state, *, config, history, run):
                   "config": dataclasses.asdict(config), **{key: list(history[key]) for key in HISTORY_KEYS}}
     with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
+    print(f"wrote {path}")
 
 
 def load_checkpoint(path):
-    """(VAE, checkpoint dict or None for the notebook's bare state_dict, z_dim from encoder.fc2_mu.weight).
-    A damaged file raises the library's own error on one line: read it inside lab.files.reading."""
+    """(VAE, the checkpoint, or None for the notebook's bare state_dict); read it inside lab.files.reading."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     bare = "config" not in ckpt
     state = ckpt if bare else ckpt["model"]
     model = VAE(state["encoder.fc2_mu.weight"].shape[0] if bare else VAEConfig(**ckpt["config"]).z_dim)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:   # it names the missing, unexpected and mis-shaped keys, a line each
-        raise RuntimeError(" ".join(str(exc).split())) from None
+    model.load_state_dict(state, strict=True)    # it names the missing, unexpected and mis-shaped keys
     history = {} if bare else {key: torch.tensor(ckpt[key], dtype=torch.float64) for key in HISTORY_KEYS}
     bad = first_non_finite({**state, **history})
     if bad is not None:   # checked before any figure: NaN weights would draw blank or fail late
@@ -267,65 +251,50 @@ def load_checkpoint(path):
     return model.eval(), None if bare else ckpt
 
 
-@contextlib.contextmanager
-def one_thread():
-    """One CPU thread for a block: the same rounding, hence the same pixels, whatever --threads trained."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def interpolation_pairs(labels, count=4):
-    """The first ``count`` test digits, each with the next one of another class."""
-    changes = (labels[1:] != labels[:-1]).nonzero().flatten() + 1     # where a run of one class ends
-    return [(i, int(changes[changes > i][0])) for i in range(min(count, len(labels))) if (changes > i).any()]
-
-
 @torch.no_grad()
-def render_figures(model, test_x, test_y, figures_dir, *, seed, history=None, title="VAE"):
+def render_figures(model, test_x, test_y, figures_dir, *, seed, history=None):
     """Every figure of FIGURE_NAMES, in that order (placeholders where there is nothing to show)."""
+    title = f"VAE, z_dim {model.z_dim}" + ("" if history else ", from a bare state_dict")
     loss, reconstructions, samples, latent, interpolation = [os.path.join(figures_dir, n) for n in FIGURE_NAMES]
     model = model.cpu().eval()
-    with one_thread():
-        if history is None:
-            vf.placeholder(loss, title, "no training history: the checkpoint is a bare state_dict")
-        else:
-            vf.plot_loss(history, title, loss)
-        mu, _ = model.encoder(test_x)    # decoded from the posterior mean: the same picture each time
-        vf.save_grid(torch.cat([test_x[:8], model.decoder(mu[:8])]), reconstructions, nrow=len(test_x[:8]))
-        vf.save_grid(generate_samples(model, 64, seed=seed), samples, nrow=8)
-        vf.plot_latent(mu, test_y, latent)
-        steps = torch.linspace(0, 1, 10).unsqueeze(1)
-        rows = [model.decoder(mu[a] + steps * (mu[b] - mu[a])) for a, b in interpolation_pairs(test_y)]
-        if rows:
-            vf.save_grid(torch.cat(rows), interpolation, nrow=10)
-        else:
-            vf.placeholder(interpolation, "interpolation between test digits", f"no interpolation: the "
-                           f"{len(test_y)} test image(s) hold only one digit class (raise --limit)")
+    torch.set_num_threads(1)    # the same rounding, hence the same pixels, whatever --threads trained
+    if history is None:
+        vf.placeholder(loss, title, "no training history: the checkpoint is a bare state_dict")
+    else:
+        vf.plot_loss(history, title, loss)
+    mu, _ = model.encoder(test_x)    # decoded from the posterior mean: the same picture each time
+    vf.save_grid(torch.cat([test_x[:8], model.decoder(mu[:8])]), reconstructions, nrow=len(test_x[:8]))
+    vf.save_grid(generate_samples(model, 64, seed=seed), samples, nrow=8)
+    vf.plot_latent(mu, test_y, latent)
+    ends = (test_y[1:] != test_y[:-1]).nonzero().flatten() + 1     # where a run of one class ends
+    pairs = [(a, int(ends[ends > a][0])) for a in range(4) if (ends > a).any()]   # to the next other digit
+    steps = torch.linspace(0, 1, 10).unsqueeze(1)
+    rows = [model.decoder(mu[a] + steps * (mu[b] - mu[a])) for a, b in pairs]
+    if rows:
+        vf.save_grid(torch.cat(rows), interpolation, nrow=10)
+    else:
+        vf.placeholder(interpolation, "interpolation between test digits", f"no interpolation: the "
+                       f"{len(test_y)} test image(s) hold only one digit class (raise --limit)")
 
 
-def add_training_args(p, defaults=DEFAULTS):
-    """The flags of VAEConfig's fields but z_dim, which vae.py and sweep_vae.py share."""
-    p.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="passes over the training set")
-    p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="images per Adam step")
-    p.add_argument("--lr", type=positive_float, default=defaults.lr, help="Adam learning rate")
-    p.add_argument("--threads", type=positive_int, default=defaults.threads, help="CPU threads torch trains on")
-    add_common_args(p, "data_root", "device", "seed", "limit", data_root=dict(default=defaults.data_root),
-                    device=dict(default=defaults.device), seed=dict(default=defaults.seed),
-                    limit=dict(help="use only the first N images of each split (default: all; with --plot-only: "
-                                    "the trained one's)"))
+def add_training_args(p, defaults=VAEConfig()):
+    """The flags of VAEConfig's fields but z_dim, which vae.py and sweep_vae.py share, defaults from ``defaults``."""
+    p.add_argument("--epochs", type=positive_int, help="passes over the training set")
+    p.add_argument("--batch-size", type=positive_int, help="images per Adam step")
+    p.add_argument("--lr", type=positive_float, help="Adam learning rate")
+    p.add_argument("--threads", type=positive_int, help="CPU threads torch trains on")
+    add_common_args(p, "data_root", "device", "seed", "limit", limit=dict(
+        help="use only the first N images of each split (default: all; with --plot-only: the trained one's)"))
+    p.set_defaults(**dataclasses.asdict(defaults))
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", default="artifacts", help="where vae.pt and vae_metrics.json go (OUT)")
     p.add_argument("--figures-dir", default="figures", help="where the five vae_*.png go (FIGURES)")
-    p.add_argument("--plot-only", action="store_true",
-                   help="re-render the figures from a checkpoint, whose settings it reads, without training")
-    p.add_argument("--checkpoint", help="with --plot-only: vae.py's checkpoint or a bare state_dict of the "
-                                        "assignment's VAE (default: OUT/vae.pt)")
-    p.add_argument("--z-dim", type=positive_int, default=DEFAULTS.z_dim, help="latent size")
+    p.add_argument("--plot-only", action="store_true", help="re-render the figures from a checkpoint, without training")
+    p.add_argument("--checkpoint", help="with --plot-only: vae.pt or the notebook's state_dict (default: OUT/vae.pt)")
+    p.add_argument("--z-dim", type=positive_int, help="latent size")
     add_training_args(p)
     args = p.parse_args(argv)
     if args.checkpoint is not None and not args.plot_only:
@@ -343,32 +312,25 @@ def plot_only(args):
     plan_outputs([os.path.join(args.figures_dir, name) for name in FIGURE_NAMES])
     with reading(path, None if args.checkpoint else "vae"):
         model, ckpt = load_checkpoint(path)
-    config = VAEConfig(**ckpt["config"]) if ckpt else dataclasses.replace(DEFAULTS, z_dim=model.z_dim, seed=args.seed)
-    test_x, test_y = preload(load_mnist(args.data_root, train=False), args.limit or config.limit)
-    render_figures(model, test_x, test_y, args.figures_dir, seed=config.seed, history=ckpt,
-                   title=f"VAE, z_dim {config.z_dim}" + ("" if ckpt else ", from a bare state_dict"))
+    config = ckpt["config"] if ckpt else {"seed": args.seed, "limit": None}
+    test_x, test_y = preload(load_mnist(args.data_root, train=False), args.limit or config["limit"])
+    render_figures(model, test_x, test_y, args.figures_dir, seed=config["seed"], history=ckpt)
 
 
 def train(config, out_dir, figures_dir):
-    """Train, then write vae_metrics.json, vae.pt (the Make target) and the figures, in that order."""
-    device = resolve_device(config.device)
+    """Train, then write vae_metrics.json, vae.pt (the Make target, hence last but the figures)."""
     check_can_create(out_dir)
     check_can_create(figures_dir)
-    train_x, _ = preload(load_mnist(config.data_root, train=True), config.limit)
-    test_x, test_y = preload(load_mnist(config.data_root, train=False), config.limit)
     metrics, checkpoint = os.path.join(out_dir, "vae_metrics.json"), os.path.join(out_dir, "vae.pt")
     plan_outputs([metrics, checkpoint, *(os.path.join(figures_dir, name) for name in FIGURE_NAMES)])
-    print(f"{config} on {device}: {len(train_x)} train / {len(test_x)} test images")
-    model, history, run = train_model(config, train_x, test_x)
+    model, history, run, (test_x, test_y) = train_model(config)
     write_json(metrics, {**{key: history[key][-1] for key in HISTORY_KEYS},
                          **{f"{key}_per_epoch": history[key] for key in HISTORY_KEYS},
                          "epoch_seconds": [round(t, 3) for t in history["seconds"]], **dataclasses.asdict(config),
                          **dict(run, seconds=round(run["seconds"], 3)), "versions": versions()})
     print(f"wrote {metrics}")
     save_checkpoint(checkpoint, model.state_dict(), config=config, history=history, run=run)
-    print(f"wrote {checkpoint}")
-    render_figures(model, test_x, test_y, figures_dir, seed=config.seed, history=history,
-                   title=f"VAE, z_dim {config.z_dim}")
+    render_figures(model, test_x, test_y, figures_dir, seed=config.seed, history=history)
 
 
 def main(argv=None):

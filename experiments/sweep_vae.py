@@ -1,10 +1,9 @@
 """`make sweep-vae`: one VAE per latent size, to see what z_dim does to the loss, its terms,
 the reconstructions and the latent space.
 
-Each z_dim is trained by vae.py's own training (vae.train_model) in a spawned process, several at
-once, so a sweep's run is the lone `vae.py` run with the same settings and threads. A z_dim whose
-checkpoint reads and was trained with the settings asked is loaded, not trained again: an interrupted
-sweep keeps its finished z_dims, and a z_dim added to ZDIMS trains alone.
+Each z_dim is trained by vae.py's own training (vae.train_model) in a spawned process, several at once:
+the lone `vae.py` run with the same settings and threads. A z_dim whose checkpoint reads and was trained
+as asked is loaded, not trained again: an interrupted sweep keeps its finished z_dims.
 
     python -m experiments.sweep_vae --data-root data --out-dir artifacts --figures-dir figures
     python -m experiments.sweep_vae --z-dims 2 20 --epochs 2 --limit 2000      # a quick look
@@ -33,7 +32,6 @@ FIGURE_NAMES = ("sweep_vae_loss.png", "sweep_vae_reconstructions.png", "vae_mani
 DEFAULT_Z_DIMS = (2, 5, 10, 20, 50)
 MANIFOLD_SIDE = 20
 PR_SET_PDEATHSIG = 1     # linux/prctl.h
-RUN_KEYS = (*vae.HISTORY_KEYS, "epoch_threads")     # of each run, as its checkpoint holds them
 
 
 def checkpoint_path(out_dir, z_dim):
@@ -43,10 +41,8 @@ def checkpoint_path(out_dir, z_dim):
 def train_one(config):
     """A spawned process: vae.py's training of one config; (config, bytes of state_dict, history, run)
     (torch would pass tensors through shared memory, gone once the process exits)."""
-    train_x, _ = vae.preload(load_mnist(config.data_root, train=True), config.limit)
-    test_x, _ = vae.preload(load_mnist(config.data_root, train=False), config.limit)
-    model, history, run = vae.train_model(config, train_x, test_x, progress=False,
-                                          log=lambda line: print(f"z={config.z_dim}: {line}", flush=True))
+    model, history, run, _ = vae.train_model(config, progress=False,
+                                             log=lambda line: print(f"z={config.z_dim}: {line}", flush=True))
     buffer = io.BytesIO()
     torch.save((model.state_dict(), history, run), buffer)
     return config, buffer.getvalue()
@@ -66,7 +62,6 @@ def train_all(configs, out_dir, processes):
         for config, payload in pool.imap_unordered(train_one, configs):
             state, history, run = torch.load(io.BytesIO(payload), weights_only=True)
             vae.save_checkpoint(checkpoint_path(out_dir, config.z_dim), state, config=config, history=history, run=run)
-            print(f"wrote {checkpoint_path(out_dir, config.z_dim)}")
     finally:
         pool.terminate()    # also on Ctrl-C or an error: no worker outlives the sweep
         pool.join()
@@ -83,8 +78,7 @@ def trained_as(config, out_dir):
 
 def sweep(args):
     device = resolve_device(args.device)
-    config = vae.VAEConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                           data_root=args.data_root, limit=args.limit, device=args.device, threads=args.threads)
+    config = vae.config_from_args(args)
     check_can_create(os.path.dirname(checkpoint_path(args.out_dir, 0)))
     check_can_create(args.figures_dir)
     load_mnist(config.data_root, train=True)    # a missing or damaged split fails here, before any process starts
@@ -93,26 +87,24 @@ def sweep(args):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     processes = max(1, min(args.processes or len(todo), len(todo), cores if device.type == "cpu" else 1))
     summary_path = os.path.join(args.out_dir, SUMMARY_NAME)
-    plan_outputs([*(checkpoint_path(args.out_dir, c.z_dim) for c in todo), summary_path]
-                 + figure_paths(args.figures_dir))
+    plan_outputs([*(checkpoint_path(args.out_dir, c.z_dim) for c in todo), summary_path,
+                  *figure_paths(args.figures_dir)])
     print(f"VAE sweep, {config}: z_dims {' '.join(map(str, args.z_dims))}, training "
           f"{' '.join(str(c.z_dim) for c in todo) or 'none'} in {processes} process(es)")
     start = time.perf_counter()
     if todo:
         train_all(todo, args.out_dir, processes)
-    summary = {"kind": "sweep_vae", **dataclasses.asdict(config), "z_dims": list(args.z_dims), "n_test": len(test_x),
-               "trained": [c.z_dim for c in todo], "seconds": round(time.perf_counter() - start, 3),
-               "processes": processes, "device": str(device), "versions": versions(), "runs": [],
-               "strategy": f"each z_dim trained by vae.py's own training (vae.train_model) in a spawned process, "
-                           f"{processes} at once; the z_dims not in 'trained' were read from their checkpoints"}
-    del summary["z_dim"]
-    models = {}
+    models, runs = {}, []
     for z_dim in args.z_dims:
         path = checkpoint_path(args.out_dir, z_dim)
         models[z_dim], ckpt = vae.load_checkpoint(path)
-        summary["runs"].append({"z_dim": z_dim, "seconds": round(ckpt["seconds"], 3), **{k: ckpt[k] for k in RUN_KEYS},
-                                "checkpoint": os.path.relpath(path, args.out_dir)})
-        summary["n_train"] = ckpt["n_train"]
+        runs.append({"z_dim": z_dim, "seconds": round(ckpt["seconds"], 3), **{k: ckpt[k] for k in vae.HISTORY_KEYS},
+                     "checkpoint": os.path.relpath(path, args.out_dir)})
+    summary = {"kind": "sweep_vae", **dataclasses.asdict(config), "z_dims": list(args.z_dims), "n_test": len(test_x),
+               "n_train": ckpt["n_train"], "trained": [c.z_dim for c in todo], "runs": runs, "processes": processes,
+               "seconds": round(time.perf_counter() - start, 3), "device": str(device), "versions": versions(),
+               "strategy": f"vae.train_model per z_dim in 'trained', {processes} at once; the others read"}
+    del summary["z_dim"]
     write_json(summary_path, summary)
     print(f"wrote {summary_path}")
     render(models, summary, test_x, test_y, args.figures_dir)
@@ -143,46 +135,42 @@ def figure_paths(figures_dir):
 
 
 def manifold_codes(side):
-    """(side^2 x 2 codes, the side quantiles): standard-normal quantiles of linspace(0.05, 0.95), with
-    z1 = q[j] along a row and z2 = q[-1 - i] down the rows (Kingma & Welling, 2014, figure 4)."""
+    """(side^2 x 2 codes, the quantiles q of linspace(0.05, 0.95)): z1 = q[j] along a row, z2 = q[-1 - i] down."""
     quantiles = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, side))
     return torch.stack([quantiles.repeat(side), quantiles.flip(0).repeat_interleave(side)], 1), quantiles
 
 
 @torch.no_grad()
 def render(models, summary, test_x, test_y, figures_dir):
-    """The four figures, in FIGURE_NAMES order."""
     loss, reconstructions, manifold, latent = figure_paths(figures_dir)
     z_dims = sorted(models)
     models = {z: model.cpu().eval() for z, model in models.items()}
-    with vae.one_thread():
-        vf.plot_sweep_losses(sorted(summary["runs"], key=lambda run: run["z_dim"]), loss,
-                             subtitle=f"{summary['n_train']} training images, seed {summary['seed']}")
-        rows = [test_x[:8]] + [models[z].decoder(models[z].encoder(test_x[:8])[0]) for z in z_dims]
-        vf.plot_image_rows(rows, ["test digits"] + [f"z_dim {z}" for z in z_dims], reconstructions,
-                           "test digits, decoded from their mu")
-        if 2 in models:
-            codes, quantiles = manifold_codes(MANIFOLD_SIDE)
-            vf.plot_manifold(models[2].decoder(codes), quantiles.tolist(), manifold)
-            vf.scatter_digits(models[2].encoder(test_x)[0], test_y, latent, xlabel="mu_1", ylabel="mu_2",
-                              title=f"test-set mu of the z_dim-2 VAE ({len(test_x)} images, no projection)")
-        else:
-            for path, title in ((manifold, "2-D latent manifold"), (latent, "2-D latent space")):
-                vf.placeholder(path, title, f"z_dim 2 is not in this sweep ({summary['z_dims']}; add 2 to ZDIMS)")
+    torch.set_num_threads(1)    # as vae.render_figures: the same pixels, whatever --threads trained
+    vf.plot_sweep_losses(sorted(summary["runs"], key=lambda run: run["z_dim"]), loss,
+                         subtitle=f"{summary['n_train']} training images, seed {summary['seed']}")
+    rows = [test_x[:8]] + [models[z].decoder(models[z].encoder(test_x[:8])[0]) for z in z_dims]
+    vf.plot_image_rows(rows, ["test digits"] + [f"z_dim {z}" for z in z_dims], reconstructions,
+                       "test digits, decoded from their mu")
+    if 2 in models:
+        codes, quantiles = manifold_codes(MANIFOLD_SIDE)
+        vf.plot_manifold(models[2].decoder(codes), quantiles.tolist(), manifold)
+        vf.scatter_digits(models[2].encoder(test_x)[0], test_y, latent, xlabel="mu_1", ylabel="mu_2",
+                          title=f"test-set mu of the z_dim-2 VAE ({len(test_x)} images, no projection)")
+    else:
+        for path, title in ((manifold, "2-D latent manifold"), (latent, "2-D latent space")):
+            vf.placeholder(path, title, f"z_dim 2 is not in this sweep ({summary['z_dims']}; add 2 to ZDIMS)")
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", default="artifacts", help=f"where {SUMMARY_NAME} and sweep_vae/vae_z*.pt go (OUT)")
     p.add_argument("--figures-dir", default="figures", help="where the four figures go (FIGURES)")
-    p.add_argument("--plot-only", action="store_true", help=f"re-render the figures from OUT/{SUMMARY_NAME} and "
-                                                            "its checkpoints")
+    p.add_argument("--plot-only", action="store_true", help=f"re-render the figures from OUT/{SUMMARY_NAME}")
     p.add_argument("--z-dims", type=positive_int, nargs="+", default=list(DEFAULT_Z_DIMS),
                    help="latent sizes, one VAE each (ZDIMS)")
-    p.add_argument("--processes", type=positive_int, default=None,
-                   help="training processes at once, one z_dim each (default and most: one per z_dim to train, "
-                        "at most one per core; 1 on a GPU)")
-    vae.add_training_args(p, dataclasses.replace(vae.DEFAULTS, threads=1))
+    p.add_argument("--processes", type=positive_int, help="training processes at once, one z_dim each (default "
+                   "and most: one per z_dim to train, at most one per core; 1 on a GPU)")
+    vae.add_training_args(p, vae.VAEConfig(threads=1))
     args = p.parse_args(argv)
     if len(set(args.z_dims)) != len(args.z_dims):
         p.error(f"--z-dims lists a value twice: {' '.join(map(str, args.z_dims))}")

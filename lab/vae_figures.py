@@ -1,24 +1,22 @@
 """Drawing the VAE figures of vae.py and sweep_vae.py: tensors in, PNG files out (atomically), a line each."""
 import torch
+from torchvision.utils import make_grid, save_image
 
 from lab.files import atomic_path
 from lab.plots import pyplot, save_figure
 
 
-def save(fig, path, note=None):
-    """Save a figure (unless None), and say so: 'wrote PATH', with why it is a placeholder if it is."""
-    if fig is not None:
-        save_figure(fig, path)
-    print(f"wrote {path}" + (f" (placeholder: {note})" if note else ""))
+def save(fig, path, note=""):
+    """Save a figure and say so: 'wrote PATH', with why it is a placeholder if it is."""
+    save_figure(fig, path)
+    print(f"wrote {path}{note}")
 
 
 def save_grid(images, path, nrow):
     """Write images (N x 784 in [0, 1]) as one torchvision grid."""
-    from torchvision.utils import save_image
-
     with atomic_path(path) as tmp:
         save_image(images.view(-1, 1, 28, 28), tmp, nrow=nrow, padding=2, pad_value=1.0, format="png")
-    save(None, path)
+    print(f"wrote {path}")
 
 
 def placeholder(path, title, reason):
@@ -27,13 +25,11 @@ def placeholder(path, title, reason):
     ax.axis("off")
     ax.set_title(title)
     ax.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, transform=ax.transAxes)
-    save(fig, path, note=reason)
+    save(fig, path, f" (placeholder: {reason})")
 
 
 def plot_loss(history, title, path):
     """Train and test loss per epoch; beside them the test BCE and KL, each on its own (loss_function weighs them)."""
-    from matplotlib.ticker import MaxNLocator
-
     fig, (ax, terms) = pyplot().subplots(1, 2, figsize=(9, 3.5))
     epochs = range(1, len(history["train_loss"]) + 1)
     ax.plot(epochs, history["train_loss"], "o-", label="train")
@@ -46,7 +42,7 @@ def plot_loss(history, title, path):
     terms.set_ylabel("BCE term (nats)", color="C2")
     terms.set_title("the test loss's two terms")
     for axes in (ax, terms):
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.locator_params(axis="x", integer=True)
         axes.set_xlabel("epoch")
     ax.set(ylabel="loss_function per image (nats)", title=title)
     ax.grid(alpha=0.3)
@@ -69,8 +65,7 @@ def plot_latent(mu, labels, path):
     centered = mu - mu.mean(0)
     if mu.shape[1] >= 2:
         _, _, v = torch.linalg.svd(centered, full_matrices=False)
-        # A component's sign is arbitrary (it may flip with the LAPACK path taken): make its largest
-        # loading positive, so that re-rendering draws the same picture.
+        # A component's sign is arbitrary (LAPACK's path): its largest loading positive draws the same picture.
         v = v * torch.sign(v.gather(1, v.abs().argmax(1, keepdim=True)))
         xy = torch.nn.functional.pad(centered @ v[:2].T, (0, max(0, 2 - len(v))))   # one image: one component
         axes = dict(xlabel="PC 1", ylabel="PC 2")
@@ -82,8 +77,6 @@ def plot_latent(mu, labels, path):
 
 def show_grid(images, nrow, padding, size):
     """A figure showing images (N x 784) as one grid of ``nrow`` columns, and its axes."""
-    from torchvision.utils import make_grid
-
     fig, ax = pyplot().subplots(figsize=size)
     ax.imshow(make_grid(images.view(-1, 1, 28, 28), nrow=nrow, padding=padding, pad_value=1.0)[0].numpy(),
               cmap="gray", vmin=0, vmax=1)
@@ -102,8 +95,7 @@ def plot_image_rows(rows, labels, path, title):
 
 
 def plot_manifold(images, quantiles, path):
-    """A len(q) x len(q) lattice of decoded images: column j is z1 = q[j], row i is z2 = q[-1 - i]
-    (up is larger z2), as in Kingma & Welling (2014), figure 4."""
+    """A lattice of decoded images, column j z1 = q[j], row i z2 = q[-1 - i], as Kingma & Welling (2014), fig. 4."""
     n = len(quantiles)
     fig, ax = show_grid(images, n, 0, (7.5, 7.5))
     ticks = list(range(0, n, max(1, n // 5))) + [n - 1]

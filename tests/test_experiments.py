@@ -268,7 +268,7 @@ def test_sweep_vae_summary_and_figures(vae_sweep):
     assert (summary["epochs"], summary["batch_size"], summary["lr"], summary["seed"]) == (2, 64, 1e-3, 0)
     assert (summary["n_train"], summary["n_test"]) == (VAE_N_TRAIN, VAE_N_TEST)
     for run in summary["runs"]:
-        assert sorted(run) == sorted(["z_dim", "seconds", *vae.HISTORY_KEYS, "checkpoint", "epoch_threads"])
+        assert sorted(run) == sorted(["z_dim", "seconds", *vae.HISTORY_KEYS, "checkpoint"])
         assert all(len(run[key]) == 2 for key in vae.HISTORY_KEYS)
         assert run["test_loss"] == pytest.approx([r + k for r, k in zip(run["test_recon"], run["test_kl"])], rel=1e-6)
         model, ckpt = vae.load_checkpoint(str(vae_sweep / run["checkpoint"]))

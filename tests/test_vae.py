@@ -524,7 +524,7 @@ VAE_BAD_INPUTS = [
     ("out_dir_under_a_file", ["--out-dir", "a_file/out"], ["cannot create output directory", "not a directory"]),
     ("figures_dir_under_a_file", ["--figures-dir", "a_file/figs"], ["cannot create output directory"]),
     ("plot_only_no_vae_pt", ["--plot-only", "--out-dir", "empty_out"], ["vae.pt", "not found", "make vae"]),
-    ("plot_only_absent", ["--plot-only", "--checkpoint", "absent"], ["cannot use", "No such file"]),
+    ("plot_only_absent", ["--plot-only", "--checkpoint", "absent"], ["absent.pt", "not found"]),
     ("plot_only_garbage", ["--plot-only", "--checkpoint", "garbage"], ["garbage.pt", "UnpicklingError"]),
     ("plot_only_truncated", ["--plot-only", "--checkpoint", "truncated"], ["truncated.pt", "zip archive"]),
     ("plot_only_directory", ["--plot-only", "--checkpoint", "directory"], ["Is a directory"]),
