@@ -163,7 +163,7 @@ def sweep_logreg(a):
                    else num(cells[b, lr]["final_test_acc"], ".4f") for lr in lrs] for b in s["grid"]["batch_size"]]
     chosen = (f"Best on validation accuracy: batch {best['batch_size']}, lr {best['lr']:g} (validation "
               f"{num(best['val_acc'], '.4f')}, test {num(best['test_acc'], '.4f')})." if best
-              else "Every configuration diverged, so none is best.")
+              else "No configuration converged: every one diverged, so none is best.")
     random = " (RANDOM-INIT features)" if s.get("random_init_weights") else ""
     return ["## Sweep: batch size x learning rate (logistic regression)", "",
             f"Mode `{s['mode']}`, {s['epochs']} epochs, seed {s['seed']}, weights `{s['weights']}`{random}. {chosen}",

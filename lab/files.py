@@ -130,11 +130,14 @@ def reading(path, make_target=None, remove=None):
     removing the damaged file (or ``remove``, the one make rebuilds it from) is what makes
     `make TARGET` rebuild it, since make judges by dates, not content. A file of the user's
     (``make_target`` None) is never advised away."""
+    if remove:
+        missing = moved = f"rebuild it: rm -f {remove!r} && make {make_target}"
+    else:
+        missing, moved = f"run `make {make_target}` first", f"run `make {make_target}`"
     if not os.path.lexists(path):
-        raise UserError(f"{path!r} not found" + (f"; run `make {make_target}` first" if make_target else ""))
+        raise UserError(f"{path!r} not found" + (f"; {missing}" if make_target else ""))
     if os.path.isdir(path):
-        raise UserError(f"{path!r} is a directory, not a file" +
-                        (f"; move it away and run `make {make_target}`" if make_target else ""))
+        raise UserError(f"{path!r} is a directory, not a file" + (f"; move it away and {moved}" if make_target else ""))
     try:
         with warnings.catch_warnings():   # a damaged file can make a loader warn before it fails
             warnings.simplefilter("ignore")

@@ -204,7 +204,7 @@ def test_sweep_logreg_make_target_reruns_only_when_a_variable_changes(sweep_resu
         (out / f"mnist_{split}.mat").write_bytes(sweep_result[split].read_bytes())
         # the settings record of features made with the defaults
         (out / f".mnist_{split}.mat.args").write_text(
-            f"DATA={os.path.realpath(HERE)}/data WEIGHTS=IMAGENET1K_V1 LIMIT= DEVICE=auto DTYPE=float32\n")
+            f"DATA={os.path.realpath(HERE)}/data WEIGHTS=IMAGENET1K_V1 LIMIT= DTYPE=float32\n")
     make = ["make", "-s", "sweep-logreg", f"PYTHON={sys.executable}", f"OUT={out}", f"FIGURES={tmp_path / 'figs'}",
             "SWEEP_BATCH=7 32", "SWEEP_LR=0.001 0.05"]
 
@@ -340,7 +340,7 @@ SWEEP_BAD_INPUTS = [
     ("plot_only_other_kind", ["--plot-only", "--out-dir", "other_kind"], ["KeyError", "make sweep-vae"]),
     ("plot_only_no_runs", ["--plot-only", "--out-dir", "no_runs"], ["KeyError: 'z_dims'", "make sweep-vae"]),
     ("plot_only_lost_checkpoint", ["--plot-only", "--out-dir", "lost_checkpoint"],
-     ["vae_z2.pt", "No such file", "rm -f", "sweep_vae.json' && make sweep-vae"]),
+     ["vae_z2.pt", "not found", "rm -f", "sweep_vae.json' && make sweep-vae"]),
     ("plot_only_mixed_runs", ["--plot-only", "--out-dir", "mixed_runs"],
      ["vae_z2.pt", "another run", "sweep_vae.json' && make sweep-vae"]),
 ]

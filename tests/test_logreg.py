@@ -13,6 +13,7 @@ import scipy.io as sio
 
 import logreg
 from lab import logreg_figures, roc
+from lab.features import load_features
 from lab import cli as lab_cli
 from helpers import (HERE, LOGREG_RANDOM_INIT, assert_rejected, assert_user_error, assignment_get_one_hot, fault_mats,
                      interrupt_at, leftovers, logreg_blobs, logreg_run, logreg_write_mat, run_cli, snapshot,
@@ -169,7 +170,7 @@ def test_logreg_both_trainings_step_through_apply_gradients_and_log_what_ran(mod
     assert mode == "default" or sizes == ([64] * 9 + [24]) * 3
     with np.load(tmp_path / "o" / "logreg.npz") as z:
         theta, mean, scale, train_loss = z["theta"], z["mean"], z["scale"], z["train_loss"]
-    X, y, _ = logreg.load_features(str(train))
+    X, y, _ = load_features(str(train))
     Xs = X.astype(np.float64) if mode == "reference" else logreg.standardize(X, mean, scale)
     l2 = 0.0 if mode == "reference" else logreg.TrainConfig().l2
     assert train_loss[-1] == pytest.approx(logreg_direct_loss(Xs, logreg.get_one_hot(y), theta, l2), rel=1e-5)
