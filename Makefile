@@ -48,32 +48,36 @@ sweep: sweep-logreg sweep-vae ## both sweeps, then the report
 	@$(MAKE) --no-print-directory report
 
 ifdef TRAINS
+$(call records,$(FEATURES),$$@,$(FEATURES_SET))
+$(call records,$(LOGREG),$(OUT)/logreg.npz,$(LOGREG_SET))
+$(call records,$(VAE),$(OUT)/vae.pt,$(VAE_SET))
 # One process per split: an interrupted run keeps the split it completed, and -j2 runs both.
 $(FEATURES): $(OUT)/mnist_%.mat: extract_features.py lab/mnist.py $(SETUP) $$(call stale,$$@,$$(FEATURES_SET))
-	$(call recorded,$@,$(FEATURES_SET)) $(PYTHON) extract_features.py --split $* --data-root $(DATA) \
-	  --weights $(WEIGHTS) --device $(DEVICE) --dtype $(DTYPE) --out-dir $(OUT) $(RUN)
+	$(PYTHON) extract_features.py --split $* --data-root $(DATA) --weights $(WEIGHTS) --device $(DEVICE) \
+	  --dtype $(DTYPE) --out-dir $(OUT) $(RUN)
 
-$(LOGREG) &: logreg.py lab/roc.py $(FEATURES) $(SETUP) $(call stale,$(OUT)/logreg.npz,$(LOGREG_SET))
-	$(call recorded,$(OUT)/logreg.npz,$(LOGREG_SET)) $(PYTHON) logreg.py --train-mat $(OUT)/mnist_train.mat \
-	  --test-mat $(OUT)/mnist_test.mat $(if $(filter reference,$(MODE)),--reference) $(TRAINING) $(DIRS)
+$(LOGREG) &: logreg.py lab/roc.py lab/features.py $(FEATURES) $(SETUP) $(call stale,$(OUT)/logreg.npz,$(LOGREG_SET))
+	$(PYTHON) logreg.py --train-mat $(OUT)/mnist_train.mat --test-mat $(OUT)/mnist_test.mat \
+	  $(if $(filter reference,$(MODE)),--reference) $(TRAINING) $(DIRS)
 
 $(VAE) &: vae.py lab/mnist.py $(SETUP) $(call stale,$(OUT)/vae.pt,$(VAE_SET))
-	$(call recorded,$(OUT)/vae.pt,$(VAE_SET)) $(PYTHON) vae.py --data-root $(DATA) --device $(DEVICE) \
-	  $(TRAINING) $(call opt,--z-dim,$(ZDIM)) $(DIRS) $(RUN)
+	$(PYTHON) vae.py --data-root $(DATA) --device $(DEVICE) $(TRAINING) $(call opt,--z-dim,$(ZDIM)) $(DIRS) $(RUN)
 else   # figures and report alone render what exists
 $(LOGREG) $(VAE): ; @echo "$@ is missing: run make all (figures and report never train)" >&2; exit 2
 endif
 
 ifdef SWEEPS
+$(call records,$(OUT)/sweep_logreg.json,$$@,$(SWEEP_LOGREG_SET))
+$(call records,$(OUT)/sweep_vae.json,$$@,$(SWEEP_VAE_SET))
 $(OUT)/sweep_logreg.json: experiments/sweep_logreg.py logreg.py $(FEATURES) $(SETUP) \
                           $(call stale,$(OUT)/sweep_logreg.json,$(SWEEP_LOGREG_SET))
-	$(call recorded,$@,$(SWEEP_LOGREG_SET)) $(PYTHON) -m experiments.sweep_logreg --train-mat $(OUT)/mnist_train.mat \
-	  --test-mat $(OUT)/mnist_test.mat --batch-sizes $(SWEEP_BATCH) --lrs $(SWEEP_LR) --epochs $(SWEEP_EPOCHS) \
+	$(PYTHON) -m experiments.sweep_logreg --train-mat $(OUT)/mnist_train.mat --test-mat $(OUT)/mnist_test.mat \
+	  --batch-sizes $(SWEEP_BATCH) --lrs $(SWEEP_LR) --epochs $(SWEEP_EPOCHS) \
 	  --mode $(SWEEP_MODE) $(DIRS)
 
 # sweep_vae.py trains only the latent sizes whose checkpoint is missing or was trained otherwise.
 $(OUT)/sweep_vae.json: experiments/sweep_vae.py vae.py $(SETUP) $(call stale,$(OUT)/sweep_vae.json,$(SWEEP_VAE_SET))
-	$(call recorded,$@,$(SWEEP_VAE_SET)) $(PYTHON) -m experiments.sweep_vae --z-dims $(ZDIMS) --data-root $(DATA) \
+	$(PYTHON) -m experiments.sweep_vae --z-dims $(ZDIMS) --data-root $(DATA) \
 	  --device $(DEVICE) $(DIRS) $(RUN)
 
 $(FIGURES)/sweep_logreg.png: $(OUT)/sweep_logreg.json

@@ -19,7 +19,7 @@ SWEEPS    := $(filter sweep%,$(MAKECMDGOALS))
 .SECONDEXPANSION:
 
 # Settings records: a trained output keeps the settings it was built with in OUT/.NAME.args, which
-# the script writes (lab.files.atomic_path, told by LAB_RECORD) as soon as that output is complete.
+# the script writes (lab.files.atomic_path) as soon as that output is complete.
 # Other settings rebuild it; the same ones however written (DATA=data/, a symlink) do not. A weights
 # file counts by its content. DEVICE and THREADS change the speed, not the result.
 real        = $(or $(realpath $1),$(abspath $1))
@@ -29,7 +29,10 @@ LOGREG_SET       = MODE=$(MODE) EPOCHS=$(EPOCHS) BATCH=$(BATCH) LR=$(LR)
 VAE_SET          = DATA=$(call real,$(DATA)) LIMIT=$(LIMIT) EPOCHS=$(EPOCHS) BATCH=$(BATCH) LR=$(LR) ZDIM=$(ZDIM)
 SWEEP_LOGREG_SET = SWEEP_BATCH=$(SWEEP_BATCH) SWEEP_LR=$(SWEEP_LR) SWEEP_EPOCHS=$(SWEEP_EPOCHS) SWEEP_MODE=$(SWEEP_MODE)
 SWEEP_VAE_SET    = DATA=$(call real,$(DATA)) LIMIT=$(LIMIT) ZDIMS=$(ZDIMS)
-recorded    = LAB_RECORD='$1' LAB_SETTINGS='$(strip $2)'
+# The record is the script's to write: make exports what it is to say (LAB_RECORD, LAB_SETTINGS) to the
+# rule's script, not on a shell command line, so that make runs the script itself (no shell in between
+# that a signal would end first).
+records     = $(eval $1: export LAB_RECORD = $2)$(eval $1: export LAB_SETTINGS = $(strip $3))
 stale       = $(if $(subst x$(strip $2),,x$(file <$(dir $1).$(notdir $1).args)),FORCE)
 FORCE:
 

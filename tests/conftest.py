@@ -1,5 +1,6 @@
 """Fixtures shared by the test files: tiny MNIST, a seeded ResNet-50 state_dict,
-one tiny extraction, and the VAE's data (helpers.py holds the plain functions)."""
+one tiny extraction, one tiny pipeline, and the VAE's data (helpers.py holds the plain functions)."""
+import fcntl
 import os
 import sys
 
@@ -13,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 for name in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES"):
     os.environ.pop(name, None)
 
-from helpers import VAE_N_TEST, VAE_N_TRAIN, make_mnist, run_cli  # noqa: E402
+from helpers import VAE_N_TEST, VAE_N_TRAIN, make_mnist, run_cli, run_make, tiny_pipeline_args  # noqa: E402
 
 # ------------------------------------------------------------------ fixtures
 
@@ -53,10 +54,21 @@ def features_run(mnist_root, resnet_pth, tmp_path_factory):
     return out, proc
 
 
-
-
-
-
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory):
+    """`make all` on tiny MNIST (random-init weights): every artifact and the report, made once for
+    the whole run: the first test process to need it makes it, the others wait for it (a file lock)."""
+    base = tmp_path_factory.getbasetemp()
+    top = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny_pipeline"   # one per run
+    data = str(top / "data")
+    with open(f"{top}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (top / "done").exists():
+            make_mnist(data, n_train=60, n_test=40, seed=5)
+            proc = run_make("all", *tiny_pipeline_args(data, top))
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            (top / "done").touch()
+    return top, data
 
 
 @pytest.fixture(scope="session")

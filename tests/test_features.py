@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -441,9 +442,22 @@ def test_no_partial_file_when_killed(mnist_root, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+FAKE_PYTHON = """#!/bin/sh
+echo "$@"
+if [ -n "$LAB_RECORD" ]; then
+  mkdir -p "$(dirname "$LAB_RECORD")" && printf '%s\\n' "$LAB_SETTINGS" > "$(dirname "$LAB_RECORD")/.$(basename "$LAB_RECORD").args"
+fi
+"""
+
+
 def make_commands(*args):
-    """Run make with PYTHON=echo: the extraction commands it would run are printed, not run."""
-    proc = subprocess.run(["make", "-s", "-C", HERE, "PYTHON=echo", *map(str, args)],
+    """Run make with a PYTHON that prints the commands it would run and records their settings,
+    as lab.files.atomic_path does once a script's output is complete."""
+    fake = os.path.join(tempfile.mkdtemp(), "python")
+    with open(fake, "w") as f:
+        f.write(FAKE_PYTHON)
+    os.chmod(fake, 0o755)
+    proc = subprocess.run(["make", "-s", "-C", HERE, f"PYTHON={fake}", *map(str, args)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
