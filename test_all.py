@@ -16,5 +16,5 @@ import pytest
 
 if __name__ == "__main__":
     tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests")
-    parallel = ["-n", "auto", "--dist", "loadgroup"] if importlib.util.find_spec("xdist") else []
+    parallel = ["-n", "auto"] if importlib.util.find_spec("xdist") else []
     sys.exit(pytest.main([tests, "-q", *parallel, *sys.argv[1:]]))

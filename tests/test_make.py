@@ -22,9 +22,6 @@ from helpers import (HERE, OFFLINE_ENV, checkout_copy, leftovers, make_in, run_m
 
 
 
-# Every test here uses the tiny pipeline: one test process makes it and runs them all.
-pytestmark = pytest.mark.xdist_group(name="tiny_pipeline")
-
 
 def markdown_table(text, first_header):
     """{first cell: [other cells]} of the Markdown table whose header starts with first_header."""
