@@ -1,8 +1,5 @@
-"""Write REPORT.md: one page with every result and figure that the pipeline saved.
-
-Reads only the saved outputs (the .mat metadata, logreg_metrics.json, logreg.npz, vae_metrics.json,
-sweep_logreg.json, sweep_vae.json) and the figures beside them; it never trains. A stage that has
-not run is listed with the command that runs it.
+"""Write REPORT.md: one page with every result and figure that the pipeline saved, read from the saved
+outputs only (it never trains); a stage that has not run is listed with the command that runs it.
 
     python -m experiments.report --out-dir artifacts --figures-dir figures --report REPORT.md
 """

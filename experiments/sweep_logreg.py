@@ -1,17 +1,11 @@
-"""`make sweep-logreg`: the assignment's "modify BATCH_SIZE / LR to see change in performance"
-as one grid of logreg.py trainings, recorded epoch by epoch and drawn on one figure.
+"""`make sweep-logreg`: the assignment's "modify BATCH_SIZE / LR to see change in performance" as one
+grid of logreg.py trainings, in parallel processes, written to OUT/sweep_logreg.json and drawn.
 
-    python -m experiments.sweep_logreg                                # the grid of GRID_DEFAULTS
-    python -m experiments.sweep_logreg --batch-sizes 64 256 --lrs 1e-3 1e-2 --epochs 5
-    python -m experiments.sweep_logreg --mode default                # logreg.py's default training instead
-    python -m experiments.sweep_logreg --plot-only                   # re-render the figure from the JSON
+    python -m experiments.sweep_logreg --batch-sizes 64 256 --lrs 1e-3 1e-2 --epochs 5 [--mode default]
 
-Each configuration is one call of logreg.train (in the reference mode, the default, the assignment's
-mlr), in parallel processes (--jobs): its history equals a lone `logreg.py --reference --batch-size B
---lr LR --epochs E --val-fraction F` run. The best configuration and epoch are chosen on validation
-accuracy, never on test accuracy. A diverging run is a result: marked diverged at that epoch.
-
-Outputs: OUT/sweep_logreg.json, then FIGURES/sweep_logreg.png.
+Each configuration is one logreg.train (in reference mode, the assignment's mlr): its history equals a
+lone `logreg.py --reference` run's. The best is chosen on validation accuracy, never on test accuracy;
+a diverging run is a result, marked so at its epoch.
 """
 import json
 import math
@@ -160,12 +154,6 @@ def plot_sweep(sweep, figures_dir):
 
 # --------------------------------------------------------------------- main
 
-def reject_repeats(flag, values):
-    repeated = sorted({v for v in values if values.count(v) > 1})
-    if repeated:
-        raise UserError(f"{flag} lists {', '.join(f'{v:g}' for v in repeated)} more than once")
-
-
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     logreg.add_io_args(p, JSON_NAME)
@@ -186,8 +174,10 @@ def parse_args(argv=None):
     if not 0 < args.val_fraction < 1:
         p.error(f"--val-fraction must be in (0, 1): the best configuration is chosen on validation "
                 f"accuracy; got {args.val_fraction}")
-    reject_repeats("--batch-sizes", args.batch_sizes)
-    reject_repeats("--lrs", args.lrs)
+    for flag, values in (("--batch-sizes", args.batch_sizes), ("--lrs", args.lrs)):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise UserError(f"{flag} lists {', '.join(f'{v:g}' for v in repeated)} more than once")
     return args
 
 
@@ -219,10 +209,6 @@ def main(argv=None):
     write_json(json_path, sweep)
     print(f"wrote {json_path}")
     print(f"wrote {draw(json_path, args.figures_dir)}")
-    for run in runs:
-        final = f"val {run['final_val_acc']:.4f}, test {run['final_test_acc']:.4f}" if not run["diverged"] else (
-            f"diverged at epoch {run['diverged_epoch']}")
-        print(f"  batch {run['batch_size']:>5}, lr {run['lr']:<7g}: {final}")
     best = sweep["best"]
     print(f"best on validation: batch {best['batch_size']}, lr {best['lr']:g}, epoch {best['epoch']}: validation "
           f"{best['val_acc']:.4f}, test {best['test_acc']:.4f}; {sweep['seconds']:.1f} s" if best else NO_BEST)

@@ -1,13 +1,8 @@
-"""`make sweep-vae`: one VAE per latent size, to see what z_dim does to the loss, its terms,
-the reconstructions and the latent space.
+"""`make sweep-vae`: one VAE per latent size, to see what z_dim does to the loss, its terms, the
+reconstructions and the latent space. Each z_dim is the lone `vae.py` run (vae.train_model) in a spawned
+process, several at once; one whose checkpoint reads and was trained as asked is loaded, not trained again.
 
-Each z_dim is trained by vae.py's own training (vae.train_model) in a spawned process, several at once:
-the lone `vae.py` run with the same settings and threads. A z_dim whose checkpoint reads and was trained
-as asked is loaded, not trained again: an interrupted sweep keeps its finished z_dims.
-
-    python -m experiments.sweep_vae --data-root data --out-dir artifacts --figures-dir figures
-    python -m experiments.sweep_vae --z-dims 2 20 --epochs 2 --limit 2000      # a quick look
-    python -m experiments.sweep_vae --plot-only                                 # figures from OUT/sweep_vae/
+    python -m experiments.sweep_vae --z-dims 2 20 --epochs 2 --limit 2000 [--plot-only]
 """
 import contextlib
 import ctypes

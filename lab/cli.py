@@ -11,14 +11,9 @@ import sys
 
 
 def one_blas_thread_unless_set():
-    """Ask numpy's BLAS for one thread, unless the user set a count; only a script's
-    entry point calls this, before numpy loads, so importing a module changes nothing.
-
-    The classifier's mini-batch products are small (256 x 2048 x 10): a second
-    thread gains little, and when the cores are shared with other work every
-    product waits for the slower one. A sweep also matches its lone runs bit for
-    bit only when both use the same thread count.
-    """
+    """One BLAS thread for numpy, unless the user set a count; a script's entry point calls this before
+    numpy loads. The classifier's products are small (256 x 2048 x 10): a second thread gains little,
+    and a sweep matches its lone runs bit for bit only with the same thread count."""
     for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(name, "1")
 
@@ -51,15 +46,10 @@ def _is_out_of_memory(exc):
 
 
 def run_main(main):
-    """Run ``main()`` as a command: a user error, a closed output pipe or a lack of
-    memory becomes one line on stderr, never a traceback.
-
-    Once some outputs exist, the line also says which were completed, so that it
-    matches what is left on disk. SIGTERM and SIGHUP are turned into an exception
-    so that ``atomic_path`` can clean up its temporary file on ``kill`` or a closed
-    terminal just as it does on Ctrl-C. Only the first signal counts: make
-    forwards its SIGTERM to the script, and that second one must not break the cleanup.
-    """
+    """Run ``main()`` as a command: a user error, an interrupt, a closed output pipe or a lack of memory
+    is one line on stderr that names the outputs completed, never a traceback. SIGTERM and SIGHUP
+    interrupt as Ctrl-C does, so that atomic_path cleans up; only the first counts (make forwards its
+    own SIGTERM, and that second one must not break the cleanup)."""
     stops = [signal.SIGTERM, signal.SIGHUP]
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # not when started with it ignored
         stops.append(signal.SIGINT)
@@ -120,10 +110,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_common_args(parser, *names, **overrides):
-    """The flags every script shares, defined once: data_root, device, seed, limit.
-
-    ``overrides`` maps a name to a dict of argparse keywords (e.g. another help).
-    """
+    """The flags every script shares, defined once: data_root, device, seed, limit; ``overrides`` maps a
+    name to argparse keywords (e.g. another help)."""
     common = {
         "data_root": ("--data-root", dict(default="data", help="torchvision MNIST root (DATA)")),
         "device": ("--device", dict(choices=("auto", "cpu", "cuda", "mps"), default="auto",

@@ -1,6 +1,5 @@
-"""Output files: atomic writes (temp file + rename), the record of what this run completed (for the
-interrupt message) and of the settings an output was built with (for make), early checks that an
-output can be created, and the one way to read a pipeline output back."""
+"""Output files: atomic writes, the record of what this run completed (for the interrupt message) and of
+the settings an output was built with (for make), early checks, and the one way to read a file back."""
 import contextlib
 import errno
 import json
@@ -41,9 +40,8 @@ def interrupt_message():
 
 
 def check_can_create(path):
-    """Fail before any work if directory ``path`` could not be created or written, creating nothing.
-    Symlinks are followed as the writes will follow them: os.makedirs cannot create through a
-    dangling one."""
+    """Fail before any work if directory ``path`` could not be created or written, creating nothing
+    (os.makedirs cannot create through a dangling symlink)."""
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         if os.path.islink(probe):
@@ -123,12 +121,10 @@ def read_json(path, make_target):
 
 @contextlib.contextmanager
 def reading(path, make_target=None, remove=None):
-    """Read and check a file inside this block: the one mechanism for damaged files. A missing file,
-    a directory, or any error that the loader or a check raises (np.load, loadmat,
-    torch.load(weights_only=True), load_state_dict(strict=True), a dataclass's constructor, a
-    KeyError...) becomes one UserError. For an output of the pipeline its advice repairs it:
-    removing the damaged file (or ``remove``, the one make rebuilds it from) is what makes
-    `make TARGET` rebuild it, since make judges by dates, not content. A file of the user's
+    """Read and check a file inside this block, the one mechanism for damaged files: any error that the
+    loader or a check raises (torch.load(weights_only=True), load_state_dict(strict=True), a dataclass,
+    a KeyError...) becomes one UserError. Its advice for a pipeline output repairs it: make judges by
+    dates, so the file (or ``remove``, the one it is rebuilt from) goes first. A user's own file
     (``make_target`` None) is never advised away."""
     if remove:
         missing = moved = f"rebuild it: rm -f {remove!r} && make {make_target}"

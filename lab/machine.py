@@ -7,19 +7,14 @@ from lab.cli import UserError
 
 
 def resolve_device(name):
-    """Map --device {auto,cpu,cuda,mps} to a torch.device, or fail clearly."""
+    """Map --device {auto,cpu,cuda,mps} to a torch.device (auto: cuda, then mps, then cpu), or fail clearly."""
     import torch
 
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA GPU is available (use --device cpu or auto)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps was asked for but MPS is not available (use --device cpu or auto)")
+        return torch.device(next(device for device in ("cuda", "mps", "cpu") if available[device]))
+    if not available[name]:
+        raise UserError(f"--device {name} was asked for but is not available here (use --device cpu or auto)")
     return torch.device(name)
 
 
@@ -47,11 +42,8 @@ def cpu_model_and_flags():
 
 
 def versions():
-    """Versions of the libraries this process has loaded, recorded in every output.
-
-    Only modules already imported are asked: importing torch just to read its
-    version would cost the numpy-only classifier about 2 s.
-    """
+    """Versions of the libraries this process has loaded, recorded in every output (importing torch
+    only to read its version would cost the numpy-only classifier seconds)."""
     import numpy
 
     out = {"python": platform.python_version(), "numpy": numpy.__version__}

@@ -5,11 +5,8 @@ from lab.files import atomic_path
 
 
 def pyplot():
-    """matplotlib.pyplot on the Agg backend, imported on first use.
-
-    Every figure goes to a file, so no window backend is needed: MPLBACKEND is
-    ignored here, and a value that matplotlib would reject cannot stop a run.
-    """
+    """matplotlib.pyplot on the Agg backend, imported on first use: every figure goes to a file, so
+    MPLBACKEND is ignored, and a value that matplotlib would reject cannot stop a run."""
     os.environ.pop("MPLBACKEND", None)
     import matplotlib
     matplotlib.use("Agg")

@@ -7,13 +7,9 @@ import numpy as np
 
 
 def roc_curve(y_true, score):
-    """ROC of one binary problem: (fpr, tpr, thresholds).
-
-    Thresholds are the distinct scores in decreasing order, preceded by +inf so
-    that the curve starts at (0, 0); tied scores move the curve in one step
-    (a diagonal segment), never in an order-dependent staircase. Every distinct
-    score gives a point (no collinear points are dropped).
-    """
+    """ROC of one binary problem: (fpr, tpr, thresholds). The thresholds are +inf (the curve starts at
+    (0, 0)), then every distinct score in decreasing order: tied scores move the curve in one diagonal
+    step, never in an order-dependent staircase."""
     y_true = np.asarray(y_true).reshape(-1).astype(bool)
     score = np.asarray(score, dtype=np.float64).reshape(-1)
     if y_true.shape != score.shape:

@@ -1,13 +1,9 @@
-"""`make bench`: the lab's speed as ratios against reference implementations, each pair timed in
-this one run on this machine (the tests never assert a time).
+"""`make bench`: every speed trick the lab keeps, against its plain path, as a ratio timed in this one run
+(batching and channels-last in the extraction, logreg.py's own training, the VAE's preloaded tensors and
+fused Adam); each must earn 1.15x. Pairs are timed in turn and keep their best time: on a shared VM
+another tenant can slow any stretch of seconds. The tests never assert a time.
 
-Every speed trick the lab keeps has its row here, against the plain path, and must earn 1.15x:
-batching the extraction, channels-last, logreg.py's own training, the VAE's preloaded tensors and
-fused Adam. Pairs are timed in turn (ours, theirs, ours, ...), and each keeps its best time: on a
-shared VM another tenant can slow any stretch of seconds.
-
-    python -m tools.bench --data-root ../shared/data --out-dir artifacts     # needs `make features`
-    python -m tools.bench --only vae
+    python -m tools.bench --data-root ../shared/data --out-dir artifacts [--only vae]   # after make features
 """
 import os
 import subprocess
