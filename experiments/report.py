@@ -26,23 +26,21 @@ def read_mat_metadata(path):
     import numpy as np
     import scipy.io as sio
 
-    if not os.path.exists(path):
-        return None
-    with reading(path, "features"):
-        shapes = {name: shape for name, shape, _ in sio.whosmat(path)}
-        mat = sio.loadmat(path, variable_names=sorted(set(shapes) - {"features", "labels"}))
-        meta = {key: np.squeeze(value) for key, value in mat.items() if not key.startswith("__")}
-        meta = {key: str(v) if v.dtype.kind in "US" else v.item() for key, v in meta.items() if v.size == 1}
-        return {**meta, "n": int(shapes["features"][0])}
+    if os.path.exists(path):
+        with reading(path, "features"):
+            shapes = {name: shape for name, shape, _ in sio.whosmat(path)}
+            mat = sio.loadmat(path, variable_names=sorted(set(shapes) - {"features", "labels"}))
+            meta = {key: np.squeeze(value) for key, value in mat.items() if not key.startswith("__")}
+            meta = {key: str(v) if v.dtype.kind in "US" else v.item() for key, v in meta.items() if v.size == 1}
+            return {**meta, "n": int(shapes["features"][0])}
 
 
 def read_logreg_history(path):
     import numpy as np
 
-    if not os.path.exists(path):
-        return None
-    with reading(path, "logreg"), np.load(path, allow_pickle=False) as z:
-        return z["test_acc"].tolist()
+    if os.path.exists(path):
+        with reading(path, "logreg"), np.load(path, allow_pickle=False) as z:
+            return z["test_acc"].tolist()
 
 
 def collect(out_dir):
@@ -71,16 +69,13 @@ def table(header, rows):
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
 
 
-def network(meta):
-    return meta.get("network", "ResNet-50")
-
-
 def provenance(a):
     train = a["train_mat"] or {}
+    network = train.get("network", "ResNet-50")
     cpu, flags = cpu_model_and_flags()
     lines = ["## Provenance", ""]
     if train.get("weights_kind") == "random-init":
-        lines += [f"> **WARNING: the {network(train)} features come from RANDOM-INIT weights (`{train['weights']}`), "
+        lines += [f"> **WARNING: the {network} features come from RANDOM-INIT weights (`{train['weights']}`), "
                   "not ImageNet-pretrained ones. The classifier's accuracy and AUC below say nothing about transfer "
                   f"learning and are not the assignment's {ASSIGNMENT_ACCURACY}.**", ""]
     isa = ", ".join(f for f in ISA_FLAGS if f in flags) or "none of " + "/".join(ISA_FLAGS)
@@ -88,7 +83,7 @@ def provenance(a):
         ("report written", datetime.datetime.now().strftime("%Y-%m-%d %H:%M")),
         ("CPU", f"{cpu}; ISA: {isa}; {os.cpu_count()} logical CPUs"),
         ("torch / torchvision", f"{train.get('torch_version', 'n/a')} / {train.get('torchvision_version', 'n/a')}"),
-        (f"{network(train)} weights", train.get("weights", "features not extracted yet")),
+        (f"{network} weights", train.get("weights", "features not extracted yet")),
     ])
 
 

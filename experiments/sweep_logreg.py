@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from lab.cli import ArgumentParser, UserError, add_common_args, positive_float, positive_int, run_main  # noqa: E402
 from lab.files import check_can_create, ensure_writable_dir, plan_outputs, reading, write_json  # noqa: E402
-from lab.machine import versions  # noqa: E402
+from lab.machine import cores, die_with_parent, versions  # noqa: E402
 from lab.plots import pyplot, save_figure  # noqa: E402
 
 GRID_DEFAULTS = {"batch_size": [16, 64, 256, 1024], "lr": [1e-4, 1e-3, 1e-2, 1e-1]}
@@ -63,6 +63,7 @@ INTERRUPTS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 def _init_worker():
     # The parent handles interrupts and ends its workers with SIGTERM: they die quietly, with no traceback.
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
@@ -80,7 +81,7 @@ def run_all(data, cells, jobs, progress):
         _SHARED["report"] = None   # a worker's epochs are not the parent's bar: it moves a run at a time
         # Interrupts wait while the workers fork, so that the pool stands and its cleanup is sure to run.
         unmasked = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
-        with multiprocessing.get_context("fork").Pool(min(jobs, len(cells)), initializer=_init_worker) as pool:
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(cells), cores()), initializer=_init_worker) as pool:
             signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
             runs = []
             for run in pool.imap(run_task, cells):   # leaving the block terminates the workers
@@ -167,8 +168,8 @@ def parse_args(argv=None):
     p.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
                    help="share of the training set held out to choose the best configuration")
     add_common_args(p, "seed", seed={"help": "seed of the validation split, initialization and shuffling"})
-    p.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
-                   help="processes that train configurations in parallel")
+    p.add_argument("--jobs", type=positive_int, default=cores(),
+                   help="processes that train configurations in parallel (at most the cores)")
     p.add_argument("--plot-only", action="store_true", help=f"only re-render the figure from OUT/{JSON_NAME}")
     args = p.parse_args(argv)
     if not 0 < args.val_fraction < 1:

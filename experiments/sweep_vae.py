@@ -4,8 +4,6 @@ process, several at once; one whose checkpoint reads and was trained as asked is
 
     python -m experiments.sweep_vae --z-dims 2 20 --epochs 2 --limit 2000 [--plot-only]
 """
-import contextlib
-import ctypes
 import dataclasses
 import io
 import multiprocessing
@@ -19,14 +17,13 @@ import vae
 from lab import vae_figures as vf
 from lab.cli import ArgumentParser, positive_int, run_main
 from lab.files import check_can_create, plan_outputs, read_json, reading, write_json
-from lab.machine import resolve_device, versions
+from lab.machine import cores, die_with_parent, resolve_device, versions
 from lab.mnist import load_mnist
 
 SUMMARY_NAME = "sweep_vae.json"
 FIGURE_NAMES = ("sweep_vae_loss.png", "sweep_vae_reconstructions.png", "vae_manifold_2d.png", "vae_latent_2d.png")
 DEFAULT_Z_DIMS = (2, 5, 10, 20, 50)
 MANIFOLD_SIDE = 20
-PR_SET_PDEATHSIG = 1     # linux/prctl.h
 
 
 def checkpoint_path(out_dir, z_dim):
@@ -46,8 +43,7 @@ def train_one(config):
 def start_worker():
     """Ctrl-C reaches the parent, which stops the pool; and a worker dies with its parent, even on kill -9."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(AttributeError, OSError):     # prctl is Linux's
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent()
 
 
 def train_all(configs, out_dir, processes):
@@ -79,8 +75,7 @@ def sweep(args):
     load_mnist(config.data_root, train=True)    # a missing or damaged split fails here, before any process starts
     test_x, test_y = vae.preload(load_mnist(config.data_root, train=False), config.limit)
     todo = [c for c in (dataclasses.replace(config, z_dim=z) for z in args.z_dims) if not trained_as(c, args.out_dir)]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    processes = max(1, min(args.processes or len(todo), len(todo), cores if device.type == "cpu" else 1))
+    processes = max(1, min(args.processes or len(todo), len(todo), cores() if device.type == "cpu" else 1))
     summary_path = os.path.join(args.out_dir, SUMMARY_NAME)
     plan_outputs([*(checkpoint_path(args.out_dir, c.z_dim) for c in todo), summary_path,
                   *figure_paths(args.figures_dir)])

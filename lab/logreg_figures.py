@@ -1,6 +1,5 @@
-"""Drawing logreg.py's figures: accuracy per epoch, the ROC curves and the confusion matrix, from the
-test predictions that logreg.npz holds (arrays in, matplotlib figures out). Fixed margins: tight_layout
-would cost a third of the drawing time."""
+"""logreg.py's figures from what logreg.npz holds: accuracy per epoch, the ROC curves, the confusion matrix.
+Fixed margins: tight_layout would cost a third of the drawing time."""
 import numpy as np
 
 from lab.roc import multiclass_roc

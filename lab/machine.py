@@ -1,6 +1,10 @@
-"""Where the lab runs and with what: the torch device, the CPU's model and ISA
-flags, and the library versions recorded in every output."""
+"""Where the lab runs and with what: the torch device, the CPU's model, ISA flags and cores, the library
+versions recorded in every output, and workers that end with their parent."""
+import contextlib
+import ctypes
+import os
 import platform
+import signal
 import sys
 
 from lab.cli import UserError
@@ -51,3 +55,14 @@ def versions():
         if mod in sys.modules:
             out[mod] = str(getattr(sys.modules[mod], "__version__", "unknown"))   # TorchVersion is not plain str
     return out
+
+
+def cores():
+    """The CPU cores this process may run on: more workers than that only wait on each other."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def die_with_parent():
+    """In a worker process: end with the parent, even when it is killed with SIGKILL (Linux's prctl)."""
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1: PR_SET_PDEATHSIG (linux/prctl.h)
