@@ -445,7 +445,8 @@ def test_no_partial_file_when_killed(mnist_root, tmp_path):
 FAKE_PYTHON = """#!/bin/sh
 echo "$@"
 if [ -n "$LAB_RECORD" ]; then
-  mkdir -p "$(dirname "$LAB_RECORD")" && printf '%s\\n' "$LAB_SETTINGS" > "$(dirname "$LAB_RECORD")/.$(basename "$LAB_RECORD").args"
+  folder=$(dirname "$LAB_RECORD")
+  mkdir -p "$folder" && printf '%s\\n' "$LAB_SETTINGS" > "$folder/.$(basename "$LAB_RECORD").args"
 fi
 """
 

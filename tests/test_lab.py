@@ -247,7 +247,8 @@ def test_a_full_disk_during_torch_save_is_one_line(tmp_path, monkeypatch):
 
 
 def test_ctrl_c_while_a_script_imports_torch_is_one_line():
-    code = "import sys; sys.argv[0] = 'vae.py'; import lab.cli, os, signal; os.kill(os.getpid(), signal.SIGINT); import torch"
+    code = ("import sys; sys.argv[0] = 'vae.py'; import lab.cli, os, signal; "
+            "os.kill(os.getpid(), signal.SIGINT); import torch")
     proc = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=60,
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     assert proc.returncode == 130
