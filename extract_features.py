@@ -2,8 +2,7 @@
 saved as ``mnist_train.mat`` / ``mnist_test.mat``: ``features`` (m x 2048 float32) and ``labels``
 (1 x m, 0-9), as ``scipy.io.loadmat`` reads them, with the settings that made them.
 
-    python extract_features.py --data-root data --out-dir artifacts
-    python extract_features.py --weights none --limit 1000     # random init, no download
+    python extract_features.py --data-root data --out-dir artifacts [--weights none --limit 1000]
 """
 import hashlib
 import os

@@ -1,10 +1,9 @@
-"""Q2: multinomial logistic regression on the extracted features, and its ROC curves, from scratch in numpy.
+"""Q2: multinomial logistic regression on the extracted features, and its ROC curves, from scratch in numpy;
+reads OUT/mnist_{train,test}.mat, writes OUT/logreg_metrics.json, OUT/logreg.npz and three figures.
 
     python logreg.py                # logreg.py's own, faster training (after the assignment's code)
     python logreg.py --reference    # the assignment's procedure: mlr, with BATCH_SIZE, LR and EPOCHS below
     python logreg.py --plot-only    # the figures again, from OUT/logreg.npz
-
-Reads OUT/mnist_{train,test}.mat; writes OUT/logreg_metrics.json, OUT/logreg.npz and three figures.
 """
 import json
 import math

@@ -4,9 +4,8 @@ The model, the loss and each training step are the assignment's: model(x), loss_
 backward(), Adam. Around the step, each split is preloaded once as one float tensor, and
 batches are slices of a per-epoch shuffled copy. Every default lives in VAEConfig.
 
-    python vae.py --data-root data --out-dir artifacts --figures-dir figures
-    python vae.py --plot-only --checkpoint model.pt     # a bare state_dict from the notebook
-    python vae.py --limit 2000 --epochs 2               # a quick smoke run
+    python vae.py --limit 2000 --epochs 2               # a quick run
+    python vae.py --plot-only --checkpoint model.pt     # the figures of the notebook's state_dict
 """
 import dataclasses
 import math

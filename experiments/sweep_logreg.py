@@ -210,6 +210,9 @@ def main(argv=None):
     write_json(json_path, sweep)
     print(f"wrote {json_path}")
     print(f"wrote {draw(json_path, args.figures_dir)}")
+    for run in runs:
+        if run["diverged"]:
+            print(f"  batch {run['batch_size']}, lr {run['lr']:g}: diverged at epoch {run['diverged_epoch']}")
     best = sweep["best"]
     print(f"best on validation: batch {best['batch_size']}, lr {best['lr']:g}, epoch {best['epoch']}: validation "
           f"{best['val_acc']:.4f}, test {best['test_acc']:.4f}; {sweep['seconds']:.1f} s" if best else NO_BEST)

@@ -18,7 +18,8 @@ def resolve_device(name):
     if name == "auto":
         return torch.device(next(device for device in ("cuda", "mps", "cpu") if available[device]))
     if not available[name]:
-        raise UserError(f"--device {name} was asked for but is not available here (use --device cpu or auto)")
+        what = "CUDA GPU" if name == "cuda" else "MPS"
+        raise UserError(f"--device {name} was asked for but this machine has no {what} (use --device cpu or auto)")
     return torch.device(name)
 
 

@@ -24,8 +24,7 @@ TRICK = 1.15    # what a speed trick must gain over the plain path to stay
 ROWS = []
 
 
-def row(benchmark, ours, reference, ratio, target, note=""):
-    """One result; ``target`` is the least ratio that passes (None: information only)."""
+def row(benchmark, ours, reference, ratio, target, note=""):   # target: the least ratio that passes; None: info
     ROWS.append((benchmark, ours, reference, f"{ratio:.3g}", f">= {target}x" if target else "(info)",
                  "" if target is None else "yes" if ratio >= target else "NO", note))
 
