@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+import lab.cli  # noqa: F401  first: a Ctrl-C while torch loads waits for run_main
 import numpy as np
 import scipy.io as sio
 import torch

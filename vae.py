@@ -13,6 +13,7 @@ import os
 import time
 from typing import Optional
 
+import lab.cli  # noqa: F401  first: a Ctrl-C while torch loads waits for run_main
 import torch
 from torch import nn
 from torch.nn import functional as F

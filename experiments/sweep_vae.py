@@ -11,6 +11,7 @@ import os
 import signal
 import time
 
+import lab.cli  # noqa: F401  first: a Ctrl-C while torch loads waits for run_main
 import torch
 
 import vae

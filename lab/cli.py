@@ -22,15 +22,12 @@ class UserError(Exception):
     """A mistake the user can fix; printed as one line, without a traceback."""
 
 
-def _interrupted_while_starting(kind, value, traceback):
-    """A Ctrl-C before run_main starts (while torch is imported, say) is one line too."""
-    if issubclass(kind, KeyboardInterrupt):
-        print(f"{os.path.basename(sys.argv[0])}: interrupted while starting; nothing was written", file=sys.stderr)
-        sys.exit(130)   # SystemExit raised in a hook ends the process with this status
-    sys.__excepthook__(kind, value, traceback)
-
-
-sys.excepthook = _interrupted_while_starting   # every script imports lab.cli before torch
+STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+COMMANDS = {"extract_features.py", "logreg.py", "vae.py", "sweep_logreg.py", "sweep_vae.py", "report.py", "bench.py"}
+if os.path.basename(sys.argv[0]) in COMMANDS:
+    # A command holds its interrupts until run_main handles them: one inside torch's C++ start-up would
+    # abort the process (every script imports lab.cli before torch).
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
 
 
 def one_line(exc, width=300):
@@ -50,9 +47,7 @@ def run_main(main):
     is one line on stderr that names the outputs completed, never a traceback. SIGTERM and SIGHUP
     interrupt as Ctrl-C does, so that atomic_path cleans up; only the first counts (make forwards its
     own SIGTERM, and that second one must not break the cleanup)."""
-    stops = [signal.SIGTERM, signal.SIGHUP]
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:   # not when started with it ignored
-        stops.append(signal.SIGINT)
+    stops = [sig for sig in STOPS if sig != signal.SIGINT or signal.getsignal(sig) is signal.default_int_handler]
 
     def _terminate(signum, frame):
         for sig in stops:
@@ -66,6 +61,7 @@ def run_main(main):
     prog = os.path.basename(sys.argv[0])
     outputs = lambda: f" ({files.outputs_message()})" if files.completed() else ""  # noqa: E731
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)   # one held while starting is handled here
         main()
     except UserError as exc:
         print(f"{prog}: error: {exc}{outputs()}", file=sys.stderr)

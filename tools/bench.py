@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 
+import lab.cli  # noqa: F401  first: a Ctrl-C while torch loads waits for run_main
 import numpy as np
 import torch
 
