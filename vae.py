@@ -84,7 +84,7 @@ def train_vae(model, train_x, test_x=None, config=None, *, progress=True, log=pr
     history per epoch. An epoch whose mean loss is not finite or above DIVERGED has diverged."""
     config = dataclasses.replace(config or VAEConfig(), **overrides)
     device = next(model.parameters()).device
-    optimizer = adam(model.parameters(), config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     shuffler = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed + 1)   # the eps
     train_x = train_x.to(device)
@@ -204,11 +204,6 @@ def preload(dataset, limit=None):
     """(N x 784 float pixels in [0, 1], N labels): ToTensor()'s division by 255, once for the whole split."""
     images, labels = dataset.data[:limit], dataset.targets[:limit]
     return images.reshape(len(images), IMAGE_PIXELS).float().div_(255), labels.clone()
-
-
-def adam(parameters, lr):
-    """torch.optim.Adam with its fused kernel: one kernel per step for every parameter."""
-    return torch.optim.Adam(parameters, lr=lr, fused=True)
 
 
 def train_model(config, *, log=print, progress=True):
