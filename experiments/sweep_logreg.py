@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from lab.cli import ArgumentParser, UserError, add_common_args, positive_float, positive_int, run_main  # noqa: E402
 from lab.files import check_can_create, ensure_writable_dir, plan_outputs, reading, write_json  # noqa: E402
-from lab.machine import cores, die_with_parent, versions  # noqa: E402
+from lab.machine import as_worker, cores, versions  # noqa: E402
 from lab.plots import pyplot, save_figure  # noqa: E402
 
 GRID_DEFAULTS = {"batch_size": [16, 64, 256, 1024], "lr": [1e-4, 1e-3, 1e-2, 1e-1]}
@@ -63,10 +63,9 @@ INTERRUPTS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 def _init_worker():
     # The parent handles interrupts and ends its workers with SIGTERM: they die quietly, with no traceback.
-    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, INTERRUPTS)
+    as_worker()   # last: a signal held until now finds the handlers above
 
 
 def run_all(data, cells, jobs, progress):

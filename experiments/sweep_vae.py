@@ -18,7 +18,7 @@ import vae
 from lab import vae_figures as vf
 from lab.cli import ArgumentParser, positive_int, run_main
 from lab.files import check_can_create, plan_outputs, read_json, reading, write_json
-from lab.machine import cores, die_with_parent, resolve_device, versions
+from lab.machine import as_worker, cores, resolve_device, versions
 from lab.mnist import load_mnist
 
 SUMMARY_NAME = "sweep_vae.json"
@@ -44,7 +44,7 @@ def train_one(config):
 def start_worker():
     """Ctrl-C reaches the parent, which stops the pool; and a worker dies with its parent, even on kill -9."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent()
+    as_worker()
 
 
 def train_all(configs, out_dir, processes):

@@ -63,7 +63,10 @@ def cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def die_with_parent():
-    """In a worker process: end with the parent, even when it is killed with SIGKILL (Linux's prctl)."""
+def as_worker():
+    """Make this process a worker: it ends with its parent, even when that is killed with SIGKILL (Linux's
+    prctl), and the interrupts that lab.cli holds while a command starts (a spawned worker imports the
+    command's module again) reach it, so that its parent can end it."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
     with contextlib.suppress(AttributeError, OSError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1: PR_SET_PDEATHSIG (linux/prctl.h)
