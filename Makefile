@@ -31,19 +31,26 @@ VAE_FIGS  := $(addprefix $(FIGURES)/,vae_loss.png vae_reconstructions.png vae_sa
                vae_interpolation.png)
 ZDIM_FIGS := $(addprefix $(FIGURES)/,sweep_vae_loss.png sweep_vae_reconstructions.png vae_manifold_2d.png \
                vae_latent_2d.png)
+SWEEP_FIGS = $(if $(wildcard $(OUT)/sweep_logreg.json),$(FIGURES)/sweep_logreg.png) \
+             $(if $(wildcard $(OUT)/sweep_vae.json),$(ZDIM_FIGS))# the sweeps' figures, of the sweeps that ran
 include make/settings.mk   # how make decides what to rebuild, and the guards on settings and paths
 
 .DEFAULT_GOAL := help
 .PHONY: help setup all features logreg vae figures report sweep sweep-logreg sweep-vae test bench clean distclean
 
-all: features logreg vae figures report ## the whole pipeline: features, classifier, VAE, figures, report
+# A goal that trains looks at its figures only once training is done (a second make): with -j, make
+# would otherwise look too early and redraw what the run has just drawn.
+all: features logreg vae ## the whole pipeline: features, classifier, VAE, figures, report
+	@$(MAKE) --no-print-directory figures report
 features: $(FEATURES) ## ResNet-50 avgpool features of MNIST train and test
 logreg: $(LOGREG) ## logistic regression + ROC on the features (and its figures)
 vae: $(VAE) ## train the VAE (and its figures)
-figures: $(LOGREG_FIGS) $(VAE_FIGS) ## re-render every figure from the saved results; never trains
+figures: $(LOGREG_FIGS) $(VAE_FIGS) $(SWEEP_FIGS) ## re-render every figure from the saved results; never trains
 report: $(REPORT) ## one page with every result and figure, from the saved results; never trains
-sweep-logreg: $(OUT)/sweep_logreg.json $(FIGURES)/sweep_logreg.png ## batch size x learning rate grid (SWEEP_*)
-sweep-vae: $(OUT)/sweep_vae.json $(ZDIM_FIGS) ## one VAE per latent size in ZDIMS, and their figures
+sweep-logreg: $(OUT)/sweep_logreg.json ## batch size x learning rate grid (SWEEP_*)
+	@$(MAKE) --no-print-directory $(FIGURES)/sweep_logreg.png
+sweep-vae: $(OUT)/sweep_vae.json ## one VAE per latent size in ZDIMS, and their figures
+	@$(MAKE) --no-print-directory $(ZDIM_FIGS)
 sweep: sweep-logreg sweep-vae ## both sweeps, then the report
 	@$(MAKE) --no-print-directory report
 
@@ -79,11 +86,6 @@ $(OUT)/sweep_logreg.json: experiments/sweep_logreg.py logreg.py $(FEATURES) $(SE
 $(OUT)/sweep_vae.json: experiments/sweep_vae.py vae.py $(SETUP) $(call stale,$(OUT)/sweep_vae.json,$(SWEEP_VAE_SET))
 	$(PYTHON) -m experiments.sweep_vae --z-dims $(ZDIMS) --data-root $(DATA) \
 	  --device $(DEVICE) $(DIRS) $(RUN)
-
-$(FIGURES)/sweep_logreg.png: $(OUT)/sweep_logreg.json
-	$(PYTHON) -m experiments.sweep_logreg --plot-only --out-dir $(OUT) --figures-dir $(FIGURES)
-$(ZDIM_FIGS) &: $(OUT)/sweep_vae.json lab/vae_figures.py
-	$(PYTHON) -m experiments.sweep_vae --plot-only --out-dir $(OUT) --figures-dir $(FIGURES) --data-root $(DATA)
 endif
 
 # Figures have rules of their own: they redraw, from the saved results, what a run did not.
@@ -91,6 +93,10 @@ $(LOGREG_FIGS) &: $(OUT)/logreg.npz lab/logreg_figures.py
 	$(PYTHON) logreg.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES)
 $(VAE_FIGS) &: $(OUT)/vae.pt lab/vae_figures.py
 	$(PYTHON) vae.py --plot-only --out-dir $(OUT) --figures-dir $(FIGURES) --data-root $(DATA)
+$(FIGURES)/sweep_logreg.png: $(OUT)/sweep_logreg.json
+	$(PYTHON) -m experiments.sweep_logreg --plot-only --out-dir $(OUT) --figures-dir $(FIGURES)
+$(ZDIM_FIGS) &: $(OUT)/sweep_vae.json lab/vae_figures.py
+	$(PYTHON) -m experiments.sweep_vae --plot-only --out-dir $(OUT) --figures-dir $(FIGURES) --data-root $(DATA)
 
 $(REPORT): experiments/report.py $(SETUP) $(if $(TRAINS),$(RESULTS),$(wildcard $(RESULTS))) $(wildcard $(SWEEP_OUT))
 	$(PYTHON) -m experiments.report --out-dir $(OUT) --figures-dir $(FIGURES) --report $@

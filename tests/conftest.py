@@ -18,6 +18,7 @@ from helpers import VAE_N_TEST, VAE_N_TRAIN, make_mnist, run_cli, run_make, tiny
 
 # ------------------------------------------------------------------ fixtures
 
+
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory):
     return make_mnist(str(tmp_path_factory.mktemp("mnist")), n_train=48, n_test=32)
@@ -56,7 +57,7 @@ def features_run(mnist_root, resnet_pth, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
-    """`make all` on tiny MNIST (random-init weights): every artifact and the report, made once for
+    """`make -j4 all` on tiny MNIST (random-init weights): every artifact and the report, made once for
     the whole run: the first test process to need it makes it, the others wait for it (a file lock)."""
     base = tmp_path_factory.getbasetemp()
     top = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tiny_pipeline"   # one per run
@@ -65,8 +66,9 @@ def tiny_pipeline(tmp_path_factory):
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (top / "done").exists():
             make_mnist(data, n_train=60, n_test=40, seed=5)
-            proc = run_make("all", *tiny_pipeline_args(data, top))
+            proc = run_make("-j4", "all", *tiny_pipeline_args(data, top))
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            (top / "make_all.log").write_text(proc.stdout)
             (top / "done").touch()
     return top, data
 

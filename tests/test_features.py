@@ -20,7 +20,6 @@ from helpers import (HERE, OFFLINE_ENV, assert_rejected, assignment_get_one_hot,
 # ------------------------------------------------------- features: oracles
 
 
-
 def test_features_match_assignment_per_image_loop(features_run, mnist_root, resnet_pth):
     """The assignment's loop: PIL image -> Grayscale(3) -> ToTensor -> Normalize -> net minus fc."""
     from torchvision import datasets, transforms
@@ -74,7 +73,6 @@ def test_flop_count_matches_known_resnet50_cost():
 
 
 # ------------------------------------------------------ features: contract
-
 
 
 def mat_text(mat, key):
@@ -447,13 +445,14 @@ echo "$@"
 if [ -n "$LAB_RECORD" ]; then
   folder=$(dirname "$LAB_RECORD")
   mkdir -p "$folder" && printf '%s\\n' "$LAB_SETTINGS" > "$folder/.$(basename "$LAB_RECORD").args"
+  touch "$LAB_RECORD"
 fi
 """
 
 
 def make_commands(*args):
-    """Run make with a PYTHON that prints the commands it would run and records their settings,
-    as lab.files.atomic_path does once a script's output is complete."""
+    """Run make with a PYTHON that prints the commands it would run, "writes" the output that make
+    records, and records its settings as lab.files.atomic_path does once that output is complete."""
     fake = os.path.join(tempfile.mkdtemp(), "python")
     with open(fake, "w") as f:
         f.write(FAKE_PYTHON)

@@ -20,9 +20,6 @@ from helpers import (HERE, OFFLINE_ENV, checkout_copy, leftovers, make_in, run_m
 # ------------------------------------------------------ Make and the report
 
 
-
-
-
 def markdown_table(text, first_header):
     """{first cell: [other cells]} of the Markdown table whose header starts with first_header."""
     lines = text.splitlines()
@@ -72,24 +69,21 @@ def test_report_numbers_equal_the_saved_results(tiny_pipeline):
     assert all((top / "doc" / p).is_file() for p in links)
 
 
-
-
 def test_make_all_twice_does_no_work(tiny_pipeline):
     top, data = tiny_pipeline
     proc = run_make("all", *tiny_pipeline_args(data, top))
     assert proc.returncode == 0 and sys.executable not in proc.stdout, proc.stdout
 
 
-
-
+def test_make_j4_all_draws_each_figure_once(tiny_pipeline):
+    """With -j, make must look at the figures only after the runs that draw them: not redraw them."""
+    top, _ = tiny_pipeline
+    log = (top / "make_all.log").read_text()
+    drawn = [ln.split()[1] for ln in log.splitlines() if ln.startswith("wrote ") and ln.endswith(".png")]
+    assert "--plot-only" not in log and len(drawn) == len(set(drawn)) == 8, log
 
 
 # ------------------------------------------------------------------ Make: safety
-
-
-
-
-
 
 
 def test_make_clean_removes_only_what_the_pipeline_wrote(tiny_pipeline, tmp_path):
@@ -224,8 +218,6 @@ def test_a_failing_figure_step_keeps_the_figures_it_did_not_draw(tiny_pipeline, 
     assert snapshot(tmp_path / "figures") == before
 
 
-
-
 def test_a_killed_run_leaves_temp_files_that_clean_removes(tiny_pipeline, tmp_path):
     """SIGKILL gives a script no chance to remove its temp file: `make clean` does."""
     settings = pipeline_copy(tiny_pipeline, tmp_path / "run")
@@ -262,8 +254,8 @@ def test_a_failed_run_changes_no_settings_record_and_creates_nothing(bad, tiny_p
 def test_a_failed_sweep_keeps_the_record_of_the_last_good_one(tiny_pipeline, tmp_path):
     settings = pipeline_copy(tiny_pipeline, tmp_path)
     grid = ["SWEEP_BATCH=16", "SWEEP_LR=1e-2", "SWEEP_EPOCHS=1"]
-    first = run_make("sweep-logreg", *settings, *grid)
-    assert first.returncode == 0, first.stderr
+    first = run_make("-j4", "sweep-logreg", *settings, *grid)
+    assert first.returncode == 0 and "--plot-only" not in first.stdout, first.stdout   # its figure, drawn once
     before = snapshot(tmp_path)
     proc = run_make("sweep-logreg", *settings, "SWEEP_BATCH=16", "SWEEP_LR=abc", "SWEEP_EPOCHS=1")
     assert "abc" in assert_make_failed_in_one_line(proc)
