@@ -5,6 +5,7 @@ a closed pipe or a lack of memory into one line on stderr.
 Free of heavy imports, so that the numpy-only classifier starts fast.
 """
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -28,6 +29,22 @@ if os.path.basename(sys.argv[0]) in COMMANDS:
     # A command holds its interrupts until run_main handles them: one inside torch's C++ start-up would
     # abort the process (every script imports lab.cli before torch).
     signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+
+
+@contextlib.contextmanager
+def holding_interrupts():
+    """Hold Ctrl-C, SIGTERM and SIGHUP over steps that must complete together; one that came meanwhile
+    interrupts right after them. (Python handles a signal in its main thread whichever thread received
+    it, and torch's threads do not block any, so only the handlers can hold one.)"""
+    came = []
+    handlers = {sig: signal.signal(sig, lambda signum, frame: came.append(signum)) for sig in STOPS}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if came:
+            os.kill(os.getpid(), came[0])
 
 
 def one_line(exc, width=300):

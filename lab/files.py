@@ -7,7 +7,7 @@ import os
 import tempfile
 import warnings
 
-from lab.cli import UserError, one_line
+from lab.cli import UserError, holding_interrupts, one_line
 
 # What this run means to write and what atomic_path finished, in order, so that an interrupt can
 # say exactly which outputs are complete.
@@ -82,19 +82,17 @@ def atomic_path(path):
     done = os.path.abspath(path)
     try:
         yield tmp
-        os.replace(tmp, path)
-        _WRITTEN.append(done)
-        if os.path.abspath(os.environ.get("LAB_RECORD", "")) == done:
-            record = os.path.join(os.path.dirname(done), f".{os.path.basename(done)}.args")
-            with open(record + ".tmp", "w") as f:
-                f.write(os.environ.get("LAB_SETTINGS", "") + "\n")
-            os.replace(record + ".tmp", record)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-        elif done not in _WRITTEN:   # interrupted just after the rename: the file is complete
+        with holding_interrupts():   # an output is never complete without its settings record
+            os.replace(tmp, path)
             _WRITTEN.append(done)
+            if os.path.abspath(os.environ.get("LAB_RECORD", "")) == done:
+                record = os.path.join(os.path.dirname(done), f".{os.path.basename(done)}.args")
+                with open(tmp, "w") as f:
+                    f.write(os.environ.get("LAB_SETTINGS", "") + "\n")
+                os.replace(tmp, record)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
         full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or "failed writing" in str(exc)
         if full:   # torch.save reports a full disk as a RuntimeError
             raise UserError(f"cannot write {path!r}: no space left on the device; free some space and run again") \

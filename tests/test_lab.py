@@ -1,4 +1,5 @@
-"""lab/: faults at the edges (MNIST files, writes to a full disk or a directory, a closed pipe, no memory, a bad matplotlib backend)."""
+"""lab/: faults at the edges (MNIST files, writes to a full disk or a directory, a closed pipe, no memory,
+a bad matplotlib backend)."""
 import json
 import os
 import signal
@@ -17,7 +18,6 @@ from helpers import HERE, OFFLINE_ENV, assert_user_error, leftovers, make_mnist,
 # =========================================================================
 # lab/: faults at the edges (data files, writes, pipes, memory, backends)
 # =========================================================================
-
 
 
 def raw_files(root):
@@ -134,8 +134,8 @@ lab.cli.run_main(main)
 
 def test_io_closed_pipe_is_one_line_without_traceback():
     import shlex
-    proc = subprocess.run(f"{shlex.quote(sys.executable)} -c {shlex.quote(RUN_MAIN)} pipe | head -1", shell=True, cwd=HERE,
-                          capture_output=True, text=True, timeout=60)
+    command = f"{shlex.quote(sys.executable)} -c {shlex.quote(RUN_MAIN)} pipe | head -1"
+    proc = subprocess.run(command, shell=True, cwd=HERE, capture_output=True, text=True, timeout=60)
     assert proc.stdout == "line 0\n"
     assert_user_error(subprocess.CompletedProcess([], 1, "", proc.stderr), "closed the pipe")
 
@@ -180,8 +180,11 @@ def test_a_second_sigterm_during_the_cleanup_changes_nothing(tmp_path):
 
 def test_an_interrupt_just_after_a_rename_still_counts_the_file_as_completed(tmp_path, monkeypatch):
     """Ctrl-C landing between the rename of a finished file and its record once made the
-    script say 'not written' of a file it had just completed."""
+    script say 'not written' of a file it had just completed, or left it without its settings
+    record (and a .args.tmp file): the next make retrained."""
     real_replace, path = os.replace, str(tmp_path / "a.json")
+    monkeypatch.setenv("LAB_RECORD", path)
+    monkeypatch.setenv("LAB_SETTINGS", "LIMIT=40")
 
     def replace_then_ctrl_c(src, dst):
         real_replace(src, dst)
@@ -197,7 +200,8 @@ def test_an_interrupt_just_after_a_rename_still_counts_the_file_as_completed(tmp
         signal.signal(signal.SIGINT, previous)
     assert json.loads(open(path).read()) == {"done": True}
     assert lab.files.interrupt_message().startswith(f"interrupted; completed: {os.path.relpath(path)};")
-
+    assert leftovers(tmp_path) == [".a.json.args", "a.json"]
+    assert (tmp_path / ".a.json.args").read_text() == "LIMIT=40\n"
 
 
 # ------------------------------------------------------------------ records, damaged outputs, startup
