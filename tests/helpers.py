@@ -130,8 +130,6 @@ def interrupt_at(marker, code, args, sig=signal.SIGTERM, timeout=120):
     return proc.returncode, err
 
 
-
-
 def logreg_blobs(n, d, seed, spread=1.0, centers_seed=99):
     """n samples of 10 Gaussian classes in d dimensions; spread scales the class centers."""
     rng = np.random.default_rng(seed)

@@ -1,4 +1,5 @@
-"""The experiments: sweep_logreg (batch size x learning rate) and sweep_vae (z_dim), each run equal to a lone run, their figures and failures."""
+"""The experiments: sweep_logreg (batch size x learning rate) and sweep_vae (z_dim), each run equal to
+a lone run, their figures and failures."""
 import json
 import math
 import os
@@ -21,8 +22,6 @@ from helpers import (HERE, LOGREG_RANDOM_INIT, VAE_N_TEST, VAE_N_TRAIN, assert_r
 # --------------------------------------------------------------------- sweep_logreg.py
 
 SWEEP_GRID = ["--batch-sizes", "7", "32", "--lrs", "0.001", "0.05", "1e306", "--epochs", "6", "--val-fraction", "0.2"]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +49,13 @@ def test_sweep_logreg_json_describes_the_grid_and_records_divergence(sweep_resul
     sweep = sweep_result["sweep"]
     assert set(sweep) >= {"kind", "mode", "epochs", "seed", "val_fraction", "grid", "weights",
                           "random_init_weights", "provenance", "seconds", "best", "runs", "versions"}
-    assert (sweep["kind"], sweep["mode"], sweep["epochs"], sweep["val_fraction"]) == ("sweep_logreg", "reference", 6, 0.2)
+    settings = (sweep["kind"], sweep["mode"], sweep["epochs"], sweep["val_fraction"])
+    assert settings == ("sweep_logreg", "reference", 6, 0.2)
     assert sweep["grid"] == {"batch_size": [7, 32], "lr": [0.001, 0.05, 1e306]}
     assert sweep["random_init_weights"] is True and sweep["provenance"]["test"]["weights"].startswith("random-init")
     assert "torch" not in sweep["versions"]
-    assert [(r["batch_size"], r["lr"]) for r in sweep["runs"]] == [(b, lr) for b in (7, 32) for lr in (0.001, 0.05, 1e306)]
+    grid = [(b, lr) for b in (7, 32) for lr in (0.001, 0.05, 1e306)]
+    assert [(r["batch_size"], r["lr"]) for r in sweep["runs"]] == grid
     for run in sweep["runs"]:
         if run["lr"] == 1e306:   # a result, not a crash
             assert run["diverged"] and run["diverged_epoch"] == len(run["train_loss"]) <= 2
@@ -221,10 +222,7 @@ def test_sweep_logreg_make_target_reruns_only_when_a_variable_changes(sweep_resu
     assert json.loads((out / "sweep_logreg.json").read_text())["epochs"] == 3
 
 
-
-
 # ------------------------------------------------------------ sweep_vae.py
-
 
 
 def vae_sweep_run(data_root, out, figs, *z_dims, extra=()):

@@ -1,4 +1,5 @@
-"""logreg.py: the classifier and its gradient (finite differences), the assignment's own loop, ROC and AUC against sklearn, the command line, its failures and divergence."""
+"""logreg.py: the classifier and its gradient (finite differences), the assignment's own loop, ROC and AUC
+against sklearn, the command line, its failures and divergence."""
 import json
 import math
 import os
@@ -216,7 +217,8 @@ def logreg_edited_runs(tmp_path_factory):
 
 
 def test_logreg_an_edit_of_mlr_or_of_the_constants_is_what_reference_runs(logreg_edited_runs):
-    (as_is, base), (_, one_epoch), (_, constants) = (logreg_edited_runs[k] for k in ("as_is", "mlr_one_epoch", "constants"))
+    runs = (logreg_edited_runs[k] for k in ("as_is", "mlr_one_epoch", "constants"))
+    (as_is, base), (_, one_epoch), (_, constants) = runs
     assert as_is.returncode == 0, as_is.stderr
     assert len(base["test_acc"]) == 4 and len(one_epoch["test_acc"]) == 1
     np.testing.assert_array_equal(one_epoch["theta"].shape, base["theta"].shape)
@@ -646,7 +648,6 @@ def test_logreg_out_dir_that_is_a_file_is_rejected(logreg_older_outputs, tmp_pat
 
 
 # ------------------------------------------------------------------ faults (wrong numbers, true advice)
-
 
 
 @pytest.mark.parametrize("script", ["logreg.py", "experiments.sweep_logreg"])

@@ -111,7 +111,6 @@ def test_readme_example_hidden_512_then_make_vae_trains_the_edit(tmp_path):
     assert len(losses) == 15 and all(map(math.isfinite, losses)) and losses[-1] < losses[0]
 
 
-
 def test_readme_changing_the_models_points_at_what_exists():
     """Every name the README's "Changing the models" table sends a reader to is defined in the file it names."""
     readme = open(os.path.join(HERE, "README.md")).read()

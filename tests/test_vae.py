@@ -20,8 +20,6 @@ from helpers import (OFFLINE_ENV, VAE_N_TEST, assert_rejected, assert_user_error
 # =========================================================================
 
 
-
-
 @pytest.fixture(scope="module")
 def vae_trained(vae_data_root, tmp_path_factory):
     """One CLI run (2 epochs) whose checkpoint the error tests reuse."""
@@ -33,8 +31,6 @@ def vae_trained(vae_data_root, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return out
-
-
 
 
 def test_vae_generate_samples_decodes_standard_normal_z():
@@ -166,6 +162,7 @@ def test_vae_each_training_step_calls_loss_function_once(vae_data_root, vae_one_
     plain = vae.VAE(4)
     vae.train_vae(plain, train_x, epochs=1, batch_size=16, log=None, progress=False)
     assert calls == [(True, 16)] * 7 + [(True, 8)]
+
     def beta_4(recon_x, x, mu, logvar):
         return original(recon_x, x, mu, logvar) + 3 * vae.kl_divergence(mu, logvar)
 
@@ -226,8 +223,6 @@ def test_vae_defaults_come_from_vae_config():
     config = vae.config_from_args(vae.parse_args(["--epochs", "2", "--z-dim", "3", "--lr", "0.5"]))
     assert config == vae.VAEConfig(epochs=2, z_dim=3, lr=0.5)
     assert "1e-3" not in vae.__doc__ and "batch 64" not in vae.__doc__    # no default repeated in prose
-
-
 
 
 # ------------------------------------------------------------------- data
@@ -292,8 +287,6 @@ def test_vae_cli_same_seed_same_losses_with_limit(vae_data_root, tmp_path, vae_o
     assert first["n_train"] == 128 and first["n_test"] == 64
     assert first["train_loss"] == second["train_loss"] and first["test_loss"] == second["test_loss"]
     assert all(torch.equal(first["model"][k], second["model"][k]) for k in first["model"])
-
-
 
 
 def vae_train_tiny(data_root, z_dim, seed):
@@ -461,7 +454,6 @@ def test_vae_a_finite_loss_above_a_coin_flip_has_diverged(vae_data_root, vae_one
 
 
 # ------------------------------------------------------------- CLI errors
-
 
 
 @pytest.fixture(scope="module")

@@ -156,6 +156,7 @@ def bench_vae(args, peak, epochs=2):
     row("VAE: vae.py's epoch vs the assignment's DataLoader loop", f"{t['ours']:.2f} s", f"{t['assignment']:.2f} s",
         t["assignment"] / t["ours"], TRICK, f"first-epoch loss {losses['ours']:.2f} vs {losses['assignment']:.2f}")
 
+
 SECTIONS = {"features": bench_features, "logreg": bench_logreg, "vae": bench_vae}
 
 
