@@ -47,7 +47,7 @@ logreg: $(LOGREG) ## logistic regression + ROC on the features (and its figures)
 vae: $(VAE) ## train the VAE (and its figures)
 figures: $(LOGREG_FIGS) $(VAE_FIGS) $(SWEEP_FIGS) ## re-render every figure from the saved results; never trains
 report: $(REPORT) ## one page with every result and figure, from the saved results; never trains
-sweep-logreg: $(OUT)/sweep_logreg.json ## batch size x learning rate grid (SWEEP_*)
+sweep-logreg: $(OUT)/sweep_logreg.json ## batch size x learning rate grid (SWEEP_*), and its figure
 	@$(MAKE) --no-print-directory $(FIGURES)/sweep_logreg.png
 sweep-vae: $(OUT)/sweep_vae.json ## one VAE per latent size in ZDIMS, and their figures
 	@$(MAKE) --no-print-directory $(ZDIM_FIGS)
