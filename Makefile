@@ -98,7 +98,7 @@ $(FIGURES)/sweep_logreg.png: $(OUT)/sweep_logreg.json
 $(ZDIM_FIGS) &: $(OUT)/sweep_vae.json lab/vae_figures.py
 	$(PYTHON) -m experiments.sweep_vae --plot-only --out-dir $(OUT) --figures-dir $(FIGURES) --data-root $(DATA)
 
-$(REPORT): experiments/report.py $(SETUP) $(if $(TRAINS),$(RESULTS),$(wildcard $(RESULTS))) $(wildcard $(SWEEP_OUT))
+$(REPORT): experiments/report.py $(SETUP) $(wildcard $(RESULTS) $(SWEEP_OUT))
 	$(PYTHON) -m experiments.report --out-dir $(OUT) --figures-dir $(FIGURES) --report $@
 
 test: $(SETUP) ## run the test suite (python test_all.py)

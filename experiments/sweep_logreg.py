@@ -58,16 +58,6 @@ def run_task(config):
     return record
 
 
-INTERRUPTS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-
-
-def _init_worker():
-    # The parent handles interrupts and ends its workers with SIGTERM: they die quietly, with no traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    as_worker()   # last: a signal held until now finds the handlers above
-
-
 def run_all(data, cells, jobs, progress):
     """Every grid cell's run record, in grid order; they train in ``jobs`` forked processes."""
     from tqdm import tqdm
@@ -79,8 +69,8 @@ def run_all(data, cells, jobs, progress):
             return [run_task(config) for config in cells]
         _SHARED["report"] = None   # a worker's epochs are not the parent's bar: it moves a run at a time
         # Interrupts wait while the workers fork, so that the pool stands and its cleanup is sure to run.
-        unmasked = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
-        with multiprocessing.get_context("fork").Pool(min(jobs, len(cells), cores()), initializer=_init_worker) as pool:
+        unmasked = signal.pthread_sigmask(signal.SIG_BLOCK, lab.cli.STOPS)
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(cells), cores()), initializer=as_worker) as pool:
             signal.pthread_sigmask(signal.SIG_SETMASK, unmasked)
             runs = []
             for run in pool.imap(run_task, cells):   # leaving the block terminates the workers

@@ -8,7 +8,6 @@ import dataclasses
 import io
 import multiprocessing
 import os
-import signal
 import time
 
 import lab.cli  # noqa: F401  first: a Ctrl-C while torch loads waits for run_main
@@ -41,15 +40,9 @@ def train_one(config):
     return config, buffer.getvalue()
 
 
-def start_worker():
-    """Ctrl-C reaches the parent, which stops the pool; and a worker dies with its parent, even on kill -9."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    as_worker()
-
-
 def train_all(configs, out_dir, processes):
     """Train ``configs`` in ``processes`` spawned processes, writing each checkpoint as its run comes back."""
-    pool = multiprocessing.get_context("spawn").Pool(processes, initializer=start_worker)
+    pool = multiprocessing.get_context("spawn").Pool(processes, initializer=as_worker)
     try:
         for config, payload in pool.imap_unordered(train_one, configs):
             state, history, run = torch.load(io.BytesIO(payload), weights_only=True)

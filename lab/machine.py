@@ -7,7 +7,7 @@ import platform
 import signal
 import sys
 
-from lab.cli import UserError
+from lab.cli import STOPS, UserError
 
 
 def resolve_device(name):
@@ -64,9 +64,13 @@ def cores():
 
 
 def as_worker():
-    """Make this process a worker: it ends with its parent, even when that is killed with SIGKILL (Linux's
-    prctl), and the interrupts that lab.cli holds while a command starts (a spawned worker imports the
-    command's module again) reach it, so that its parent can end it."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+    """A sweep's pool initializer. Ctrl-C is the parent's to handle, which ends its workers with SIGTERM:
+    they die quietly (the default action, not a forked copy of the parent's handler), and with their parent,
+    even when that is killed with SIGKILL (Linux's prctl). The interrupts that lab.cli holds while a command
+    starts (a spawned worker imports the command again) are let through last, when they find these handlers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
     with contextlib.suppress(AttributeError, OSError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1: PR_SET_PDEATHSIG (linux/prctl.h)

@@ -470,8 +470,8 @@ def test_sweep_vae_caps_processes_at_the_cores(vae_data_root, tmp_path):
 
 WORKER_OUTLIVES_CODE = """
 import multiprocessing, os, sys, time
-from experiments import sweep_vae
-pool = multiprocessing.get_context("spawn").Pool(1, initializer=sweep_vae.start_worker)
+from lab.machine import as_worker
+pool = multiprocessing.get_context("spawn").Pool(1, initializer=as_worker)
 print(pool.apply(os.getpid), flush=True)
 pool.apply_async(time.sleep, (120,))
 time.sleep(120)
